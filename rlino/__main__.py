@@ -1,0 +1,5 @@
+"""`python -m rlino` runs the command-line app."""
+
+from rlino.cli import app
+
+app()

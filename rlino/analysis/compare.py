@@ -1,0 +1,355 @@
+"""`rlino compare`: a grid of methods x seeds from one base model, resumable, with one report.
+
+A comparison spec (YAML, or command-line flags) names the methods, the seeds and one training
+config shared by every run::
+
+    title: GRPO vs F-ISFT+ on the tiny base
+    preset: tiny-countdown          # optional TrainConfig preset under `train`
+    methods:
+      - grpo                        # a method or preset name (label = the name)
+      - {label: grpo-token-mean, name: grpo, aggregation: token-mean}   # MethodParams + label
+    seeds: [0, 1, 2]
+    train:                          # a TrainConfig mapping (method and seed are set per run)
+      iterations: 40
+
+Run `LABEL-sSEED` trains with the shared config, `method:` replaced by that entry's params and
+`seed:` by the seed. The train loop's prompt order and sampling seeds are functions of (seed,
+iteration), so every method sees the same prompts for the same seed. Runs live in
+`OUT/runs/LABEL-sSEED/`; a run with `final/` is skipped, one with a checkpoint resumes, and a
+partial one without a checkpoint restarts from scratch. `OUT/compare.json` records the spec;
+report.md, summary.json and the plots are (re)written at the end (`write_report`).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from rlino.analysis.report import WALL_TIME_FILE, write_report
+from rlino.config import (
+    TrainConfig,
+    deep_merge,
+    from_dict,
+    parse_override,
+    preset_path,
+    read_yaml,
+    to_dict,
+)
+from rlino.errors import UserError
+from rlino.methods import MethodParams, resolve
+
+LABEL = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
+SPEC_KEYS = ("title", "preset", "methods", "seeds", "train")
+IGNORED_WHEN_RESUMING = ("threads", "tensorboard", "model.device", "eval.batch_size")
+"""Config keys that may differ between a finished run and the spec without invalidating it."""
+
+
+@dataclass
+class MethodEntry:
+    """One column of the grid: a label (the run-name prefix) and its MethodParams fields."""
+
+    label: str
+    params: dict[str, Any]
+    """MethodParams fields, at least `name`"""
+
+
+@dataclass
+class CompareSpec:
+    """Methods x seeds, sharing one training config."""
+
+    methods: list[MethodEntry]
+    seeds: list[int]
+    train: dict[str, Any] = field(default_factory=dict)
+    """TrainConfig mapping shared by every run (its `method` and `seed` are replaced per run)"""
+    preset: str | None = None
+    """TrainConfig preset (name in configs/ or YAML path) merged under `train`"""
+    title: str = "rlino comparison"
+
+    def run_names(self) -> list[str]:
+        """`LABEL-sSEED` for every run, methods outer, seeds inner."""
+        return [run_name(m.label, s) for m in self.methods for s in self.seeds]
+
+
+def run_name(label: str, seed: int) -> str:
+    """The run directory name of (label, seed)."""
+    return f"{label}-s{seed}"
+
+
+def _default_label(params: dict[str, Any]) -> str:
+    """`grpo` for plain names; `grpo-aggregation=token-mean` style when knobs are set."""
+    extras = [f"{k}={v}" for k, v in params.items() if k != "name"]
+    return "-".join([str(params["name"]), *extras]).replace(" ", "")
+
+
+def parse_method(item: Any) -> MethodEntry:
+    """A method entry from a name or a mapping {label?, name, **MethodParams fields}."""
+    if isinstance(item, str):
+        params: dict[str, Any] = {"name": item}
+        label = item
+    elif isinstance(item, dict):
+        params = {k: v for k, v in item.items() if k != "label"}
+        if "name" not in params:
+            raise UserError(f"method entry {item!r} needs a 'name'")
+        label = str(item.get("label") or _default_label(params))
+    else:
+        raise UserError(f"a method entry is a name or a mapping, got {item!r}")
+    known = {f.name for f in fields(MethodParams)}
+    if unknown := sorted(set(params) - known):
+        raise UserError(
+            f"method {label!r}: unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}"
+        )
+    from_dict(MethodParams, params, "method")
+    resolve(from_dict(MethodParams, params, "method"))  # unknown method names fail here
+    if not LABEL.match(label):
+        raise UserError(f"method label {label!r} must be letters, digits and _ . + - only")
+    return MethodEntry(label, params)
+
+
+def parse_seeds(value: Any) -> list[int]:
+    """Seeds from a list or a comma-separated string; non-empty, distinct integers."""
+    items = value.split(",") if isinstance(value, str) else value
+    if not isinstance(items, list | tuple) or not items:
+        raise UserError(f"seeds must be a non-empty list of integers, got {value!r}")
+    try:
+        seeds = [int(str(s).strip()) for s in items]
+    except ValueError:
+        raise UserError(f"seeds must be integers, got {value!r}") from None
+    if len(set(seeds)) != len(seeds):
+        raise UserError(f"seeds must be distinct, got {seeds}")
+    return seeds
+
+
+def spec_from_dict(data: dict[str, Any]) -> CompareSpec:
+    """A CompareSpec from a mapping (the YAML file), checked; unknown keys are errors."""
+    if not isinstance(data, dict):
+        raise UserError("a compare config must be a YAML mapping")
+    if unknown := sorted(set(data) - set(SPEC_KEYS)):
+        raise UserError(f"unknown compare key(s) {', '.join(unknown)}; known: {', '.join(SPEC_KEYS)}")
+    raw_methods = data.get("methods")
+    if not isinstance(raw_methods, list) or not raw_methods:
+        raise UserError("a compare config needs a non-empty `methods:` list")
+    methods = [parse_method(m) for m in raw_methods]
+    labels = [m.label for m in methods]
+    if dupes := sorted({x for x in labels if labels.count(x) > 1}):
+        raise UserError(f"method labels must be distinct; repeated: {', '.join(dupes)}")
+    train = data.get("train") or {}
+    if not isinstance(train, dict):
+        raise UserError("`train:` must be a mapping of training config keys")
+    preset = data.get("preset")
+    spec = CompareSpec(
+        methods=methods,
+        seeds=parse_seeds(data.get("seeds", [0])),
+        train=dict(train),
+        preset=None if preset is None else str(preset),
+        title=str(data.get("title") or "rlino comparison"),
+    )
+    for entry in spec.methods:  # fail on a bad shared config before any run starts
+        run_config(spec, entry, spec.seeds[0])
+    return spec
+
+
+def load_spec(path: str | Path) -> CompareSpec:
+    """Read a compare YAML: a path, or a name in configs/ (e.g. compare-paper)."""
+    file = preset_path(str(path))
+    try:
+        data = yaml.safe_load(file.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise UserError(f"{file}: invalid YAML ({str(e).splitlines()[0]})") from None
+    return spec_from_dict(data)
+
+
+def spec_from_flags(
+    base: CompareSpec | None,
+    *,
+    methods: str | None = None,
+    seeds: str | None = None,
+    iterations: int | None = None,
+    overrides: Sequence[str] = (),
+) -> CompareSpec:
+    """Apply command-line flags on top of `base` (or on an empty spec): flags win."""
+    data: dict[str, Any] = {"methods": [], "seeds": [0], "train": {}}
+    if base is not None:
+        data = {
+            "title": base.title,
+            "preset": base.preset,
+            "methods": [{"label": m.label, **m.params} for m in base.methods],
+            "seeds": list(base.seeds),
+            "train": dict(base.train),
+        }
+    if methods:
+        data["methods"] = [m.strip() for m in methods.split(",") if m.strip()]
+    if seeds:
+        data["seeds"] = parse_seeds(seeds)
+    train = dict(data["train"])
+    if iterations is not None:
+        train["iterations"] = iterations
+    for item in overrides:
+        train = deep_merge(train, parse_override(item))
+    data["train"] = train
+    if not data["methods"]:
+        raise UserError("no methods: give a compare config or --methods grpo,fisft+")
+    return spec_from_dict(data)
+
+
+def run_config(spec: CompareSpec, entry: MethodEntry, seed: int) -> TrainConfig:
+    """The validated TrainConfig of run (entry, seed)."""
+    data = read_yaml(preset_path(spec.preset)) if spec.preset else {}
+    data = deep_merge(data, spec.train)
+    data["method"] = dict(entry.params)
+    data["seed"] = seed
+    config: TrainConfig = from_dict(TrainConfig, data)
+    if config.method.aggregation == "constant" and config.method.constant_length is None:
+        _, params = resolve(config.method)
+        if params.aggregation == "constant":  # write the divisor out, as the trainer would
+            config.method.constant_length = config.rollout.max_new_tokens
+    try:
+        config.validate()
+    except UserError as e:
+        raise UserError(f"run {run_name(entry.label, seed)}: {e}") from None
+    return config
+
+
+def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        path = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            out.update(_flatten(value, f"{path}."))
+        else:
+            out[path] = value
+    return out
+
+
+def config_mismatch(config: TrainConfig, run_dir: Path) -> list[str]:
+    """Keys where the run's saved config.yaml differs from `config` (ignoring harmless ones)."""
+    path = run_dir / "config.yaml"
+    if not path.is_file():
+        return []
+    saved = _flatten(yaml.safe_load(path.read_text()) or {})
+    wanted = _flatten(to_dict(config))
+    keys = sorted(set(saved) | set(wanted))
+    return [
+        k
+        for k in keys
+        if k not in IGNORED_WHEN_RESUMING and saved.get(k) != wanted.get(k)
+    ]
+
+
+TrainFn = Callable[..., Any]
+
+
+def _record_wall_time(run_dir: Path, seconds: float) -> None:
+    path = run_dir / WALL_TIME_FILE
+    before = json.loads(path.read_text())["seconds"] if path.is_file() else 0.0
+    path.write_text(json.dumps({"seconds": before + seconds}) + "\n")
+
+
+def run_compare(
+    spec: CompareSpec,
+    out_dir: Path,
+    progress: bool = True,
+    train_fn: TrainFn | None = None,
+) -> Path:
+    """Train every (method, seed) run not yet finished, then write the report; returns report.md.
+
+    `train_fn` (default `rlino.train.train`) is injectable so tests can count calls. A run stopped
+    early (Ctrl-C) ends the grid; running the same command again resumes it.
+    """
+    from rich.console import Console
+
+    if train_fn is None:
+        from rlino.train import train as train_fn
+    from rlino import checkpoint
+
+    console = Console(stderr=True, quiet=not progress)
+    out_dir = Path(out_dir)
+    runs = [(entry, seed) for entry in spec.methods for seed in spec.seeds]
+    configs = {run_name(e.label, s): run_config(spec, e, s) for e, s in runs}
+    for name, config in configs.items():
+        if diff := config_mismatch(config, out_dir / "runs" / name):
+            raise UserError(
+                f"{out_dir / 'runs' / name} was trained with a different config "
+                f"({', '.join(diff[:4])}); use another --out or delete that run"
+            )
+    (out_dir / "runs").mkdir(parents=True, exist_ok=True)
+    record = {"spec": _spec_dict(spec), "run_names": spec.run_names()}
+    (out_dir / "compare.json").write_text(json.dumps(record, indent=2) + "\n")
+
+    stopped = False
+    for i, (name, config) in enumerate(configs.items(), start=1):
+        run_dir = out_dir / "runs" / name
+        head = f"[{i}/{len(configs)}] {name}"
+        if (run_dir / "final").is_dir():
+            console.print(f"{head}: finished earlier, skipped")
+            continue
+        ckpt = checkpoint.latest(run_dir) if run_dir.is_dir() else None
+        if ckpt is not None:
+            console.print(f"{head}: resuming from {ckpt.name}")
+        else:
+            if run_dir.exists():
+                console.print(f"{head}: partial run without a checkpoint, restarting it")
+                shutil.rmtree(run_dir)
+            console.print(f"{head}: training {config.iterations} iterations")
+        start = time.perf_counter()
+        result = train_fn(config, run_dir, resume=ckpt is not None, progress=progress)
+        _record_wall_time(run_dir, time.perf_counter() - start)
+        if not getattr(result, "completed", True):
+            console.print(f"{head}: stopped; run the same command again to resume")
+            stopped = True
+            break
+    if not stopped:
+        console.print(f"all {len(configs)} runs finished")
+    write_report(out_dir, spec.title)
+    return out_dir / "report.md"
+
+
+def _spec_dict(spec: CompareSpec) -> dict[str, Any]:
+    data = asdict(spec)
+    data["methods"] = [{"label": m.label, **m.params} for m in spec.methods]
+    return data
+
+
+def report_only(out_dir: Path) -> Path:
+    """Regenerate report.md, summary.json and the plots from the runs already in `out_dir`."""
+    out_dir = Path(out_dir)
+    title = "rlino comparison"
+    record = out_dir / "compare.json"
+    if record.is_file():
+        title = json.loads(record.read_text()).get("spec", {}).get("title", title)
+    write_report(out_dir, title)
+    return out_dir / "report.md"
+
+
+def compare_command(
+    *,
+    config: str | None,
+    methods: str | None,
+    seeds: str | None,
+    iterations: int | None,
+    out: str | None,
+    overrides: list[str],
+    report_only_dir: str | None,
+    quiet: bool,
+) -> Path:
+    """Body of `rlino compare`: run the grid (or only rebuild the report) and say where it is."""
+    if report_only_dir is not None:
+        if config or methods or seeds or iterations is not None or overrides:
+            raise UserError("--report-only takes only the comparison directory")
+        path = report_only(Path(report_only_dir))
+    else:
+        base = load_spec(config) if config else None
+        spec = spec_from_flags(
+            base, methods=methods, seeds=seeds, iterations=iterations, overrides=overrides
+        )
+        default = f"runs/{Path(config).stem}" if config else "runs/compare"
+        path = run_compare(spec, Path(out or default), progress=not quiet)
+    print(f"report: {path}")
+    return path

@@ -1,0 +1,278 @@
+"""The `rlino` command-line app: one typer app, each command a thin wrapper over library functions.
+
+User mistakes (`UserError`) become a one-line `error: ...` on stderr and exit code 2; heavy imports
+(torch, transformers) happen inside commands so that `rlino grade` and `--help` start fast.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import typer
+
+from rlino.errors import UserError
+
+app = typer.Typer(
+    name="rlino",
+    help="Outcome-reward post-training: GRPO and filtered iterative SFT, measured side by side.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+def user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Turn UserError (and a missing file) into `error: ...` on stderr and exit code 2."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except (UserError, FileNotFoundError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            raise typer.Exit(2) from None
+
+    return wrapper
+
+
+# ---- commands (each section owned by one module; keep the wrappers thin) ----
+# @@ grade @@
+@app.command("grade")
+@user_errors
+def grade_command(
+    file: str = typer.Argument(
+        ..., help="JSONL records with a `response` and the task's fields; - for stdin."
+    ),
+    task: str = typer.Option(
+        ..., "--task", help="Task whose verifier grades: gsm8k, countdown, or a registered one."
+    ),
+    skip_bad: bool = typer.Option(
+        False, "--skip-bad", help="Skip malformed lines (listed in the summary) instead of failing."
+    ),
+    task_opt: list[str] = typer.Option(
+        [], "--task-opt", help="Task option key=value, e.g. format_reward=0.2 (repeatable)."
+    ),
+) -> None:
+    """Grade responses offline: JSONL in; out, the same records plus correct, reward, extracted."""
+    from rlino.grade import grade_stream, parse_options
+    from rlino.tasks import get_task
+
+    grader = get_task(task, **parse_options(task_opt))
+    if file == "-":
+        summary = grade_stream(grader, sys.stdin.buffer, sys.stdout.buffer, skip_bad)
+    else:
+        with open(file, "rb") as lines:
+            summary = grade_stream(grader, lines, sys.stdout.buffer, skip_bad)
+    sys.stdout.flush()
+    print(summary.describe(), file=sys.stderr)
+
+
+# @@ pretrain @@
+# @@ eval @@
+def _parse_options(items: list[str]) -> dict[str, Any]:
+    """`key=value` task options; values read as YAML scalars (3, true, 1e-3 stay numbers)."""
+    from rlino.config import parse_override
+
+    options: dict[str, Any] = {}
+    for item in items:
+        options.update(parse_override(item))
+    return options
+
+
+@app.command("eval")
+@user_errors
+def eval_command(
+    model: str = typer.Option(
+        None,
+        "--model",
+        help="HF model dir, hub id or .gguf file (default: the built-in tiny base).",
+    ),
+    gguf_file: str = typer.Option(
+        None, "--gguf-file", help="GGUF file name inside --model, when --model is a directory."
+    ),
+    task: str = typer.Option(
+        "countdown", "--task", help="Task name (countdown, gsm8k, or a registered one)."
+    ),
+    split: str = typer.Option("test", "--split", help="Data split: train or test."),
+    limit: int = typer.Option(None, "--limit", min=1, help="Evaluate only the first N examples."),
+    samples: int = typer.Option(
+        1, "--samples", min=1, help="K samples per prompt: reports pass@k and mean@k."
+    ),
+    temperature: float = typer.Option(
+        None, "--temperature", min=0.0, help="Default 0 (greedy) for K=1, 1.0 for K>1."
+    ),
+    max_new_tokens: int = typer.Option(
+        None, "--max-new-tokens", min=1, help="Completion cap (default 128, 512 for gsm8k)."
+    ),
+    template: str = typer.Option(
+        None,
+        "--template",
+        help="Prompt template: r1, plain, chat (default: the model's or task's).",
+    ),
+    data: str = typer.Option(
+        None, "--data", help="Task data: a local file/dir or an HF dataset id."
+    ),
+    task_opt: list[str] = typer.Option(
+        [], "--task-opt", help="Task option key=value (repeatable)."
+    ),
+    batch_size: int = typer.Option(64, "--batch-size", min=1, help="Prompts per sampling batch."),
+    backend: str = typer.Option(
+        "builtin", "--backend", help="Sampling engine: builtin, hf or vllm."
+    ),
+    dtype: str = typer.Option("auto", "--dtype", help="auto, fp32, bf16 or fp16."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
+    seed: int = typer.Option(0, "--seed", help="Sampling seed."),
+    save: str = typer.Option(
+        None, "--save", help="Write graded completions as JSONL (gradable by `rlino grade`)."
+    ),
+    json_out: bool = typer.Option(
+        False, "--json", help="Print one JSON object as the last stdout line."
+    ),
+) -> None:
+    """Evaluate a model on a task: greedy pass@1, or pass@k / mean@k with --samples K; lengths by correctness."""
+    from rlino.cli_eval import run_eval_command
+
+    run_eval_command(**locals())
+
+
+# @@ train @@
+@app.command("train")
+@user_errors
+def train_command(
+    config: str = typer.Option(
+        None, "--config", "-c", help="YAML preset: a path or a name in configs/."
+    ),
+    task: str = typer.Option(None, "--task", help="Task name (shortcut for task.name=...)."),
+    method: str = typer.Option(
+        None, "--method", help="grpo, grpo-nokl, fisft+, fisft-, fisft+-, fisft-grpo, raft, ..."
+    ),
+    model: str = typer.Option(
+        None,
+        "--model",
+        help="HF model dir, hub id or .gguf (default on countdown: the built-in tiny base).",
+    ),
+    data: str = typer.Option(
+        None, "--data", help="Task data: a local file/dir or an HF dataset id."
+    ),
+    out: str = typer.Option(None, "--out", help="Run directory (default runs/TASK-METHOD-sSEED)."),
+    iterations: int = typer.Option(None, "--iterations", help="Number of iterations."),
+    seed: int = typer.Option(None, "--seed", help="Random seed."),
+    overrides: list[str] = typer.Option(
+        [], "--set", help="Config override key=value, e.g. optim.lr=1e-4 (repeatable)."
+    ),
+    resume: str = typer.Option(
+        None, "--resume", help="Continue the run in this directory from its last checkpoint."
+    ),
+    stop_after: int = typer.Option(
+        None, "--stop-after", hidden=True, help="Stop after N iterations this invocation."
+    ),
+    quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
+) -> None:
+    """Train a policy: sample -> verify -> weigh -> update -> evaluate -> checkpoint."""
+    from rlino.cli_train import run_train_command
+
+    run_train_command(**locals())
+
+
+# @@ analyze @@
+analyze_app = typer.Typer(
+    help="The paper's analyses: gradient equivalence of GRPO and F-ISFT; length dynamics of runs.",
+    no_args_is_help=True,
+)
+app.add_typer(analyze_app, name="analyze")
+
+
+@analyze_app.command("equivalence")
+@user_errors
+def analyze_equivalence_command(
+    model: str = typer.Option(
+        None, "--model", help="HF model dir, hub id or .gguf (default: the built-in tiny base)."
+    ),
+    gguf_file: str = typer.Option(None, "--gguf-file", help="GGUF file name inside --model."),
+    task: str = typer.Option("countdown", "--task", help="Task name."),
+    task_opt: list[str] = typer.Option(
+        [], "--task-opt", help="Task option key=value (repeatable)."
+    ),
+    template: str = typer.Option(
+        None, "--template", help="Prompt template (default: the model's or task's)."
+    ),
+    prompts: int = typer.Option(8, "--prompts", min=1, help="P: prompts in the batch."),
+    samples: int = typer.Option(8, "--samples", min=2, help="G: samples per prompt."),
+    seed: int = typer.Option(0, "--seed", help="Seed for prompts and sampling."),
+    max_new_tokens: int = typer.Option(128, "--max-new-tokens", min=1, help="Completion cap."),
+    inner_steps: int = typer.Option(
+        3, "--inner-steps", min=1, help="k: AdamW steps before the off-policy gradient."
+    ),
+    inner_lr: float = typer.Option(1e-3, "--inner-lr", help="Learning rate of those k steps."),
+    beta: float = typer.Option(0.04, "--beta", help="KL coefficient of the KL rows."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
+    dtype: str = typer.Option(
+        "fp32", "--dtype", help="fp32 (default: exact comparisons), bf16, fp16 or auto."
+    ),
+    json_out: bool = typer.Option(
+        False, "--json", help="Print one JSON object as the last stdout line."
+    ),
+) -> None:
+    """Gradient of GRPO vs F-ISFT (and variants) on one real rollout batch: cosine, relative difference."""
+    options = dict(locals())
+    from rlino.analysis.equivalence import equivalence_command
+
+    equivalence_command(**options)
+
+
+@analyze_app.command("lengths")
+@user_errors
+def analyze_lengths_command(
+    run_dirs: list[str] = typer.Argument(
+        ..., help="Run directories, or a `rlino compare` directory."
+    ),
+    out: str = typer.Option(
+        None, "--out", help="Where the plots go (default: beside the runs, lengths/)."
+    ),
+    json_out: bool = typer.Option(
+        False, "--json", help="Print one JSON object as the last stdout line."
+    ),
+) -> None:
+    """Length dynamics: correct vs wrong lengths over time, distributions, per-token weight vs length."""
+    options = dict(locals())
+    from rlino.analysis.lengths import lengths_command
+
+    lengths_command(**options)
+
+
+# @@ compare @@
+@app.command("compare")
+@user_errors
+def compare_command(
+    config: str = typer.Argument(
+        None, help="Compare config YAML (a path or a name in configs/, e.g. compare-paper)."
+    ),
+    methods: str = typer.Option(
+        None,
+        "--methods",
+        help="Comma-separated method names, e.g. grpo,fisft+ (overrides the config).",
+    ),
+    seeds: str = typer.Option(None, "--seeds", help="Comma-separated seeds, e.g. 0,1,2."),
+    iterations: int = typer.Option(None, "--iterations", min=1, help="Iterations per run."),
+    out: str = typer.Option(
+        None, "--out", help="Output directory (default runs/CONFIG-NAME or runs/compare)."
+    ),
+    overrides: list[str] = typer.Option(
+        [], "--set", help="Shared training override key=value (repeatable)."
+    ),
+    report_only_dir: str = typer.Option(
+        None, "--report-only", help="Only rebuild report.md, summary.json and plots in DIR."
+    ),
+    quiet: bool = typer.Option(False, "--quiet", help="No progress output."),
+) -> None:
+    """Methods x seeds from one base model, same prompts per seed; resumable; report.md + plots."""
+    options = dict(locals())
+    from rlino.analysis.compare import compare_command as run
+
+    run(**options)
+
+
+# @@ demo @@

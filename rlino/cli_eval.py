@@ -1,0 +1,127 @@
+"""`rlino eval`: load a policy and a task, evaluate, print a table (and JSON), save completions."""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from rlino.errors import UserError
+
+
+def resolve_eval_target(
+    model: str | None, task: str, template: str | None, options: dict[str, Any]
+) -> tuple[str, str | None, dict[str, Any]]:
+    """(model path, template, task options): the tiny base by default, with its recorded task settings."""
+    from rlino import tiny
+
+    if model is None:
+        if task != "countdown":
+            raise UserError(f"task {task!r} needs a model: pass --model DIR|ID")
+        model = str(tiny.default_model_dir())
+    recorded = tiny.task_settings(Path(model)) if Path(model).is_dir() else None
+    if recorded and recorded.get("task") == task:
+        options = {**recorded.get("options", {}), **options}
+        template = template or recorded.get("template")
+    return model, template, options
+
+
+def run_eval_command(
+    *,
+    model: str | None,
+    gguf_file: str | None,
+    task: str,
+    split: str,
+    limit: int | None,
+    samples: int,
+    temperature: float | None,
+    max_new_tokens: int | None,
+    template: str | None,
+    data: str | None,
+    task_opt: list[str],
+    batch_size: int,
+    backend: str,
+    dtype: str,
+    device: str,
+    seed: int,
+    save: str | None,
+    json_out: bool,
+) -> None:
+    """Body of `rlino eval` (see `rlino eval --help`)."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.table import Table
+
+    from rlino.cli import _parse_options
+    from rlino.evaluate import evaluate
+    from rlino.policy import load_policy
+    from rlino.tasks import get_task, get_template
+
+    if split not in ("train", "test"):
+        raise UserError(f"--split must be train or test, got {split!r}")
+    options = _parse_options(task_opt)
+    if data is not None:
+        options["path"] = data
+    model, template, options = resolve_eval_target(model, task, template, options)
+    task_obj = get_task(task, **options)
+    template = template or task_obj.default_template
+    get_template(template)
+    examples = task_obj.examples(split)
+    if limit is not None:
+        examples = examples[:limit]
+    if not examples:
+        raise UserError(f"task {task!r} has no {split} examples")
+    if temperature is None:
+        temperature = 0.0 if samples == 1 else 1.0
+    if max_new_tokens is None:
+        max_new_tokens = 512 if task == "gsm8k" else 128
+    policy = load_policy(model, gguf_file=gguf_file, device=device, dtype=dtype)
+    err = Console(stderr=True)
+    with Progress(
+        TextColumn(f"eval {task}/{split}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=err,
+    ) as progress:
+        bar = progress.add_task("eval", total=len(examples))
+        report = evaluate(
+            policy,
+            task_obj,
+            examples,
+            template=template,
+            samples=samples,
+            temperature=temperature,
+            max_new_tokens=max_new_tokens,
+            batch_size=batch_size,
+            seed=seed,
+            backend=backend,
+            on_batch=lambda done: progress.update(bar, completed=done),
+        )
+    summary = {
+        "model": model,
+        "task": task,
+        "split": split,
+        "template": template,
+        **report.summary(),
+    }
+    if save:
+        path = Path(save)
+        tmp = path.with_name(path.name + ".tmp")
+        with tmp.open("w") as f:
+            for c in report.completions:
+                record = {**examples[c.index], **asdict(c)}
+                f.write(json.dumps(record) + "\n")
+        tmp.replace(path)
+    table = Table(title=f"{task} {split} ({report.n} examples, {samples} sample(s) each)")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for key, value in summary.items():
+        if key in ("model", "task", "split"):
+            continue
+        table.add_row(key, f"{value:.4f}" if isinstance(value, float) else str(value))
+    Console(file=sys.stdout if not json_out else sys.stderr).print(table)
+    if json_out:
+        print(json.dumps(summary))

