@@ -71,6 +71,39 @@ def grade_command(
 
 
 # @@ pretrain @@
+@app.command("pretrain")
+@user_errors
+def pretrain_command(
+    out: str = typer.Option(..., "--out", help="Directory to write the HF model into."),
+    task: str = typer.Option("countdown", "--task", help="Task whose r1 prompts to train on."),
+    seed: int = typer.Option(0, "--seed", help="Seeds corpus, weights and batch order."),
+    steps: int = typer.Option(None, "--steps", help="Optimizer steps (default 600)."),
+    batch_size: int = typer.Option(None, "--batch-size", help="Sequences per step (default 64)."),
+    lr: float = typer.Option(None, "--lr", help="Peak learning rate (default 3e-3)."),
+    threads: int = typer.Option(None, "--threads", help="torch CPU threads (default 2)."),
+    task_opt: list[str] = typer.Option(
+        [], "--task-opt", help="Task option key=value over the tiny defaults, e.g. max_number=30."
+    ),
+    quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
+) -> None:
+    """Pretrain the built-in tiny base model from scratch on synthetic task traces (CPU, minutes)."""
+    from rlino.config import parse_override
+    from rlino.tiny import PretrainConfig, pretrain
+
+    config = PretrainConfig(task=task, seed=seed)
+    for item in task_opt:
+        config.task_options.update(parse_override(item))
+    given = {"steps": steps, "batch_size": batch_size, "lr": lr, "threads": threads}
+    for name, value in given.items():
+        if value is not None:
+            setattr(config, name, value)
+    result = pretrain(config, out, progress=not quiet)
+    print(
+        f"saved {result.out} ({result.parameters:,} parameters, {result.seconds:.0f} s, "
+        f"final loss {result.final_loss:.3f})"
+    )
+
+
 # @@ eval @@
 def _parse_options(items: list[str]) -> dict[str, Any]:
     """`key=value` task options; values read as YAML scalars (3, true, 1e-3 stay numbers)."""
@@ -133,9 +166,10 @@ def eval_command(
     ),
 ) -> None:
     """Evaluate a model on a task: greedy pass@1, or pass@k / mean@k with --samples K; lengths by correctness."""
+    args = dict(locals())
     from rlino.cli_eval import run_eval_command
 
-    run_eval_command(**locals())
+    run_eval_command(**args)
 
 
 # @@ train @@
@@ -172,9 +206,10 @@ def train_command(
     quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
 ) -> None:
     """Train a policy: sample -> verify -> weigh -> update -> evaluate -> checkpoint."""
+    args = dict(locals())
     from rlino.cli_train import run_train_command
 
-    run_train_command(**locals())
+    run_train_command(**args)
 
 
 # @@ analyze @@

@@ -70,6 +70,8 @@ def run_train_command(
         cfg, run_dir, resume=resume is not None, progress=not quiet, stop_after=stop_after
     )
     _report(result)
+    if result.interrupted:
+        raise SystemExit(130)
 
 
 def _report(result: Any) -> None:

@@ -19,8 +19,14 @@ if TYPE_CHECKING:
     import torch
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-DTYPES = {"fp32": "float32", "float32": "float32", "bf16": "bfloat16", "bfloat16": "bfloat16",
-          "fp16": "float16", "float16": "float16"}
+DTYPES = {
+    "fp32": "float32",
+    "float32": "float32",
+    "bf16": "bfloat16",
+    "bfloat16": "bfloat16",
+    "fp16": "float16",
+    "float16": "float16",
+}
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 DEFAULT_CHUNK = 1024
 """completion tokens per logits chunk in token_logprobs (1024 x 49k fp32 logits = 200 MB)"""
@@ -73,7 +79,9 @@ def _locate(spec: str, gguf_file: str | None) -> tuple[str, str | None]:
     path = Path(spec).expanduser()
     if path.is_file():
         if path.suffix != ".gguf":
-            raise UserError(f"{spec} is a file but not a .gguf model; give a model directory instead")
+            raise UserError(
+                f"{spec} is a file but not a .gguf model; give a model directory instead"
+            )
         return str(path.parent), path.name
     if path.is_dir():
         if gguf_file is not None:
@@ -85,8 +93,11 @@ def _locate(spec: str, gguf_file: str | None) -> tuple[str, str | None]:
         ggufs = sorted(p.name for p in path.glob("*.gguf"))
         if len(ggufs) == 1:
             return str(path), ggufs[0]
-        hint = f"several .gguf files, pick one with gguf_file: {', '.join(ggufs)}" if ggufs else (
-            "no config.json and no .gguf file")
+        hint = (
+            f"several .gguf files, pick one with gguf_file: {', '.join(ggufs)}"
+            if ggufs
+            else ("no config.json and no .gguf file")
+        )
         raise UserError(f"cannot load a model from {spec}: {hint}")
     looks_local = spec.startswith((".", "/", "~")) or spec.endswith(".gguf") or spec.count("/") > 1
     if looks_local or not HUB_ID.match(spec):
@@ -102,7 +113,6 @@ def load_policy(
     A GGUF model is de-quantised by transformers on load (needs the `gguf` package). The tokenizer
     gets padding_side 'left' and, if it has none, the EOS token as pad token.
     """
-    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     torch_device = resolve_device(device)
@@ -124,8 +134,9 @@ def load_policy(
     if model.generation_config is not None and model.generation_config.pad_token_id is None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
     source = str(Path(where) / gguf_name) if gguf_name else where
-    return Policy(model=model, tokenizer=tokenizer, device=torch_device, dtype=torch_dtype,
-                  source=source)
+    return Policy(
+        model=model, tokenizer=tokenizer, device=torch_device, dtype=torch_dtype, source=source
+    )
 
 
 def save_policy(policy: Policy, out_dir: Path) -> None:
@@ -140,9 +151,10 @@ def save_policy(policy: Policy, out_dir: Path) -> None:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     model = policy.model
-    if getattr(model.config, "quantization_config", None) is not None or getattr(
-        model, "hf_quantizer", None
-    ) is not None:
+    if (
+        getattr(model.config, "quantization_config", None) is not None
+        or getattr(model, "hf_quantizer", None) is not None
+    ):
         config = model.config.__class__.from_dict(
             {k: v for k, v in model.config.to_dict().items() if k != "quantization_config"}
         )
@@ -160,14 +172,22 @@ def _completion_hidden(
 ) -> torch.Tensor:
     """Final hidden states at positions [start - 1, L - 1), the ones that predict the completion."""
     positions = (attention_mask.long().cumsum(dim=1) - 1).clamp(min=0)  # (B, L) as in generation
-    out = model.base_model(input_ids=input_ids, attention_mask=attention_mask.long(),
-                           position_ids=positions, use_cache=False)
+    out = model.base_model(
+        input_ids=input_ids,
+        attention_mask=attention_mask.long(),
+        position_ids=positions,
+        use_cache=False,
+    )
     return out.last_hidden_state[:, start - 1 : -1]  # (B, Lc, D)
 
 
 def _chunk_stats(
-    hidden: torch.Tensor, targets: torch.Tensor, head: torch.nn.Module, temperature: float,
-    softcap: float | None, with_entropy: bool,
+    hidden: torch.Tensor,
+    targets: torch.Tensor,
+    head: torch.nn.Module,
+    temperature: float,
+    softcap: float | None,
+    with_entropy: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(log-prob of targets, entropy) for a (n, D) chunk of hidden states; logits live only here."""
     import torch
@@ -206,7 +226,9 @@ def token_logprobs_and_entropy(
     from torch.utils.checkpoint import checkpoint
 
     if not 1 <= completion_start < input_ids.shape[1]:
-        raise ValueError(f"completion_start must be in [1, {input_ids.shape[1]}), got {completion_start}")
+        raise ValueError(
+            f"completion_start must be in [1, {input_ids.shape[1]}), got {completion_start}"
+        )
     hidden = _completion_hidden(model, input_ids, attention_mask, completion_start)
     batch, width, dim = hidden.shape
     flat_hidden = hidden.reshape(batch * width, dim)  # (B*Lc, D)
@@ -215,8 +237,14 @@ def token_logprobs_and_entropy(
     softcap = getattr(model.config.get_text_config(), "final_logit_softcapping", None)
     logps, ents = [], []
     for i in range(0, flat_hidden.shape[0], chunk_size):
-        args = (flat_hidden[i : i + chunk_size], targets[i : i + chunk_size], head,
-                temperature, softcap, with_entropy)
+        args = (
+            flat_hidden[i : i + chunk_size],
+            targets[i : i + chunk_size],
+            head,
+            temperature,
+            softcap,
+            with_entropy,
+        )
         if torch.is_grad_enabled() and flat_hidden.requires_grad:
             logp, ent = checkpoint(_chunk_stats, *args, use_reentrant=False)
         else:
@@ -237,7 +265,12 @@ def token_logprobs(
 ) -> torch.Tensor:
     """(B, L - completion_start) log-probs of the completion tokens; see token_logprobs_and_entropy."""
     logp, _ = token_logprobs_and_entropy(
-        model, input_ids, attention_mask, completion_start, chunk_size=chunk_size,
-        temperature=temperature, with_entropy=False,
+        model,
+        input_ids,
+        attention_mask,
+        completion_start,
+        chunk_size=chunk_size,
+        temperature=temperature,
+        with_entropy=False,
     )
     return logp

@@ -13,10 +13,10 @@ varying length (see `rlino.tiny_corpus` for how the traces make it improvable by
   cache on first use if the package lacks it.
 - `measure(model_dir)` is a small greedy/sampled accuracy check used to tune the corpus.
 
-The tokenizer is word-level and built from the corpus: each number 0..999 is one token (with and
-without a leading space), words and symbols carry their leading space, and the prompt's fixed
+The tokenizer is word-level: each number 0..999 is one token (with and without a leading space),
+so is every other ASCII character (likewise), and the prompt's fixed
 boilerplate (the text between numbers that every prompt shares) is one added token per segment,
-so an r1 prompt is about 25 tokens and a completion 20-120.
+so an r1 prompt is about 16 tokens and a completion 20-120.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ import random
 import re
 import time
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -43,8 +43,8 @@ TASK_FILE = "rlino_task.json"
 TEMPLATE = "r1"
 PAD, EOS, UNK = "<|pad|>", "<|endoftext|>", "<|unk|>"
 TAGS = ("<think>", "</think>", "<answer>", "</answer>")
-PIECE_PATTERN = r" ?\d{1,3}| ?[A-Za-z]+| ?[^\sA-Za-z\d]|\s"
-"""Pre-tokenizer pieces: 1-3 digits, a word, one symbol (each with an optional leading space)."""
+PIECE_PATTERN = r" ?\d{1,3}| ?[^\s\d]|\s"
+"""Pre-tokenizer pieces: 1-3 digits or one other character, each with an optional leading space."""
 
 DEFAULT_TASK_OPTIONS: dict[str, Any] = {
     "num_numbers": 3,
@@ -159,9 +159,7 @@ def training_instances(task: Task, n: int, seed: int) -> list[Example]:
     return out
 
 
-def corpus(
-    task: Task, n: int, seed: int, style: TraceStyle | None = None
-) -> list[tuple[str, str]]:
+def corpus(task: Task, n: int, seed: int, style: TraceStyle | None = None) -> list[tuple[str, str]]:
     """`n` (prompt, completion) pairs: the task's exact r1 prompt and a synthetic trace (no EOS)."""
     style = style or TraceStyle()
     rng = random.Random(f"rlino-tiny-traces-{seed}")
@@ -184,20 +182,21 @@ def boilerplate_segments(prompts: Sequence[str], min_share: float = 0.9) -> list
     return sorted(s for s, c in counts.items() if c >= need and len(s) >= 6)
 
 
-def build_tokenizer(texts: Iterable[str], prompts: Sequence[str]) -> PreTrainedTokenizerFast:
-    """A word-level fast tokenizer over the corpus pieces (see the module docstring)."""
+def build_tokenizer(prompts: Sequence[str]) -> PreTrainedTokenizerFast:
+    """A word-level fast tokenizer: numbers, ASCII characters, and the prompts' boilerplate.
+
+    Any ASCII text round-trips exactly; text outside the boilerplate costs a token per character
+    (a completion has no words, only numbers, operators and the four tags).
+    """
     from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
     digits = [str(i) for i in range(10)]
     numbers = digits + [a + b for a in digits for b in digits]
     numbers += [a + b for a in digits for b in numbers[10:]]
-    symbols = [chr(c) for c in range(33, 127) if not chr(c).isalnum()]
-    letters = [chr(c) for c in range(33, 127) if chr(c).isalpha()]
-    splitter = re.compile(PIECE_PATTERN)
-    words = sorted({p for text in texts for p in splitter.findall(text) if p.strip().isalpha()})
-    base = [*numbers, *symbols, *letters]
-    pieces = [*base, *(" " + p for p in base), " ", "\n", "\t", *words]
+    chars = [chr(c) for c in range(33, 127) if not chr(c).isdigit()]
+    base = [*numbers, *chars]
+    pieces = [*base, *(" " + p for p in base), " ", "\n", "\t", "\r"]
     vocab: dict[str, int] = {}
     for piece in [PAD, EOS, UNK, *pieces]:
         vocab.setdefault(piece, len(vocab))
@@ -258,6 +257,20 @@ def _encode(
     return [(p + c + [eos], len(p)) for p, c in zip(prompts, completions, strict=True)]
 
 
+def _length_buckets(
+    rows: list[tuple[list[int], int]], batch_size: int, seed: int, group: int = 16
+) -> list[list[tuple[list[int], int]]]:
+    """Batches of similar length (less padding): sort within groups of `group` batches, shuffle."""
+    rng = random.Random(f"rlino-tiny-batches-{seed}")
+    batches = []
+    span = batch_size * group
+    for start in range(0, len(rows), span):
+        block = sorted(rows[start : start + span], key=lambda row: len(row[0]))
+        batches += [block[i : i + batch_size] for i in range(0, len(block), batch_size)]
+    rng.shuffle(batches)
+    return batches
+
+
 def _batch(rows: Sequence[tuple[list[int], int]], pad_id: int) -> dict[str, Any]:
     """Right-padded input ids, attention mask and labels (-100 on prompt and padding)."""
     import torch
@@ -292,7 +305,9 @@ def validate(config: PretrainConfig) -> None:
         )
     for name in ("steps", "batch_size", "hidden_size", "num_layers", "num_heads", "threads"):
         if getattr(config, name) < 1:
-            raise UserError(f"{name.replace('_', '-')} must be at least 1, got {getattr(config, name)}")
+            raise UserError(
+                f"{name.replace('_', '-')} must be at least 1, got {getattr(config, name)}"
+            )
     if config.lr <= 0:
         raise UserError(f"lr must be positive, got {config.lr}")
     if config.hidden_size % config.num_heads:
@@ -303,33 +318,28 @@ def validate(config: PretrainConfig) -> None:
 
 def pretrain(config: PretrainConfig, out: str | Path, progress: bool = True) -> PretrainResult:
     """Build corpus, tokenizer and model; train; save a standard HF model dir at `out`."""
+    validate(config)
     import torch
 
-    validate(config)
     out = Path(out)
     task = _countdown_task(config.task_options)
     torch.set_num_threads(config.threads)
     torch.manual_seed(config.seed)
 
     pairs = corpus(task, config.steps * config.batch_size, config.seed, config.style)
-    tokenizer = build_tokenizer(
-        (p + c for p, c in pairs[:2000]), [p for p, _ in pairs[:200]]
-    )
-    rows = _encode(tokenizer, pairs)
+    tokenizer = build_tokenizer([p for p, _ in pairs[:200]])
+    batches = _length_buckets(_encode(tokenizer, pairs), config.batch_size, config.seed)
     model = build_model(config, tokenizer)
     optimizer = torch.optim.AdamW(
         model.parameters(), lr=config.lr, betas=(0.9, 0.95), weight_decay=0.1
     )
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: _lr_factor(s, config.steps)
-    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _lr_factor(s, config.steps))
     model.train()
     start = time.perf_counter()
     losses: list[float] = []
     with _progress_bar(progress, config.steps, "pretraining tiny model") as advance:
         for step in range(config.steps):
-            chunk = rows[step * config.batch_size : (step + 1) * config.batch_size]
-            loss = model(**_batch(chunk, tokenizer.pad_token_id)).loss
+            loss = model(**_batch(batches[step], tokenizer.pad_token_id)).loss
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -422,16 +432,19 @@ def measure(
     correct = formatted = tokens = 0
     for i in range(0, len(examples), batch_size):
         chunk = examples[i : i + batch_size]
-        enc = tokenizer([task.prompt(ex, TEMPLATE) for ex in chunk], return_tensors="pt", padding=True)
-        sampling = {"do_sample": True, "temperature": temperature, "top_k": 0} if temperature else {}
+        enc = tokenizer(
+            [task.prompt(ex, TEMPLATE) for ex in chunk], return_tensors="pt", padding=True
+        )
+        sampling: dict[str, Any] = {"do_sample": False}
+        if temperature:
+            sampling = {"do_sample": True, "temperature": temperature, "top_k": 0}
         with torch.no_grad():
             out = model.generate(
                 **enc,
                 max_new_tokens=max_new_tokens,
-                do_sample=bool(temperature),
                 eos_token_id=stop_ids,
                 pad_token_id=tokenizer.pad_token_id,
-                **{k: v for k, v in sampling.items() if k != "do_sample"},
+                **sampling,
             )
         new = out[:, enc["input_ids"].shape[1] :]  # (B, T_new)
         for ex, ids in zip(chunk, new.tolist(), strict=True):

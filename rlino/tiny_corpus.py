@@ -23,7 +23,6 @@ from __future__ import annotations
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
-from fractions import Fraction
 
 MAX_VALUE = 999
 """Largest intermediate value a trace writes (every number up to it is one token)."""
@@ -119,44 +118,6 @@ def _paren(expr: str) -> str:
     return f"({expr})" if " " in expr else expr
 
 
-def evaluate_expr(expr: str) -> Fraction:
-    """Exact value of a trace expression (numbers, + - * /, parentheses); for checks and tests."""
-    tokens = expr.replace("(", " ( ").replace(")", " ) ").split()
-    pos = 0
-
-    def atom() -> Fraction:
-        nonlocal pos
-        tok = tokens[pos]
-        pos += 1
-        if tok == "(":
-            value = additive()
-            pos += 1  # the ")"
-            return value
-        return Fraction(int(tok))
-
-    def multiplicative() -> Fraction:
-        nonlocal pos
-        value = atom()
-        while pos < len(tokens) and tokens[pos] in "*/":
-            op = tokens[pos]
-            pos += 1
-            rhs = atom()
-            value = value * rhs if op == "*" else value / rhs
-        return value
-
-    def additive() -> Fraction:
-        nonlocal pos
-        value = multiplicative()
-        while pos < len(tokens) and tokens[pos] in "+-":
-            op = tokens[pos]
-            pos += 1
-            rhs = multiplicative()
-            value = value + rhs if op == "+" else value - rhs
-        return value
-
-    return additive()
-
-
 def trace(numbers: Sequence[int], target: int, rng: random.Random, style: TraceStyle) -> str:
     """One completion (without the prompt's `<think>` and without EOS) for an instance."""
     candidates = all_tries(numbers)
@@ -182,9 +143,7 @@ def trace(numbers: Sequence[int], target: int, rng: random.Random, style: TraceS
                 break
         elif rng.random() < style.give_up:
             break
-    if hit_at is not None and rng.random() < style.pick_hit:
-        answer = chosen[hit_at]
-    else:
-        answer = chosen[-1]
+    picks_hit = hit_at is not None and rng.random() < style.pick_hit
+    answer = chosen[hit_at] if picks_hit else chosen[-1]
     think = " ".join(t.text() for t in chosen)
     return f" {think}</think> <answer> {answer.expr} </answer>"

@@ -196,14 +196,14 @@ def _micro_slices(rows: torch.Tensor, size: int) -> Iterator[torch.Tensor]:
 
 def _batch_logprobs(
     model: torch.nn.Module, ids: torch.Tensor, attn: torch.Tensor, start: int, rows: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Completion log-probs and entropies of `rows`, with padding columns shared by all rows cut off."""
+) -> torch.Tensor:
+    """Completion log-probs of `rows`, with the padding columns that all rows share cut off."""
     left = int(attn[rows, :start].any(dim=0).long().argmax())  # first prompt column in use
     right = start + int(attn[rows, start:].sum(dim=1).max())  # last completion column in use
-    logp, ent = token_logprobs_and_entropy(
-        model, ids[rows, left:right], attn[rows, left:right], start - left
+    logp, _ = token_logprobs_and_entropy(
+        model, ids[rows, left:right], attn[rows, left:right], start - left, with_entropy=False
     )
-    return logp, ent  # (n, right - start) each
+    return logp  # (n, right - start)
 
 
 def update(
@@ -233,7 +233,7 @@ def update(
         out = torch.zeros(mask_full.shape, device=device)
         with torch.no_grad():
             for rows in _micro_slices(all_rows, cfg.optim.micro_batch_size):
-                logp, _ = _batch_logprobs(m, ids, attn, start, rows)
+                logp = _batch_logprobs(m, ids, attn, start, rows)
                 out[rows, : logp.shape[1]] = logp.float()
         return out
 
@@ -242,7 +242,7 @@ def update(
     ref_logp = frozen_logp(setup.reference.model) if needs_kl else None
     model.train()
 
-    totals: dict[str, float] = {}
+    totals: dict[str, float] = {"loss": 0.0}
     steps = 0
     grad_norms = []
     for _ in range(params.mu):
@@ -250,7 +250,7 @@ def update(
             optimizer.zero_grad(set_to_none=False)
             active = mb if needs_kl else mb[adv[mb] != 0]
             for rows in _micro_slices(active, cfg.optim.micro_batch_size):
-                logp, ent = _batch_logprobs(model, ids, attn, start, rows)
+                logp = _batch_logprobs(model, ids, attn, start, rows)
                 width = logp.shape[1]
                 mask = mask_full[rows, :width]
                 loss, stats = policy_loss(
@@ -264,10 +264,9 @@ def update(
                 )
                 share = micro_batch_share(mask_full[rows], mask_full[mb], params.aggregation)
                 (loss * share).backward()
-                stats["entropy"] = float((ent.float() * mask).sum() / mask.sum().clamp(min=1))
                 for key, value in stats.items():
                     totals[key] = totals.get(key, 0.0) + float(value) * share
-                totals["loss"] = totals.get("loss", 0.0) + float(loss) * share
+                totals["loss"] = totals.get("loss", 0.0) + float(loss.detach()) * share
             clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else math.inf
             grad_norms.append(float(torch.nn.utils.clip_grad_norm_(model.parameters(), clip)))
             optimizer.step()
@@ -289,6 +288,12 @@ def train_metrics(scored: Scored, advantages: torch.Tensor) -> dict[str, Any]:
     c, lengths = scored.correct, scored.lengths
     filtered = (scored.rewards == scored.rewards[:, :1]).all(dim=1)
     sums = group_weight_sums(advantages)
+    r = scored.rollouts
+    entropy = None  # Monte-Carlo estimate: -mean log-prob of the sampled tokens (sampling policy)
+    if r.logprobs is not None:
+        entropy = float(
+            -(r.logprobs * r.completion_mask).sum() / r.completion_mask.sum().clamp(min=1)
+        )
     return {
         "train/reward_mean": float(scored.rewards.mean()),
         "train/accuracy": float(c.float().mean()),
@@ -299,7 +304,8 @@ def train_metrics(scored: Scored, advantages: torch.Tensor) -> dict[str, Any]:
         "train/length_wrong": _mean_where(lengths, ~c),
         "train/weight_sum_mean": float(sums.mean()),
         "train/weight_sum_min": float(sums.min()),
-        "train/truncated": float((~scored.rollouts.finished).float().mean()),
+        "train/truncated": float((~r.finished).float().mean()),
+        "entropy": entropy,
     }
 
 
@@ -385,6 +391,8 @@ class TrainResult:
     run_dir: Path
     iterations_done: int
     completed: bool
+    interrupted: bool
+    """Stopped by Ctrl-C (after checkpointing)."""
     start_eval: dict[str, Any] | None
     end_eval: dict[str, Any] | None
 
@@ -501,7 +509,7 @@ def train(
             shutil.rmtree(final)
         tmp.replace(final)
     log.close()
-    return TrainResult(run_dir, iteration, completed, start_eval, end_eval)
+    return TrainResult(run_dir, iteration, completed, stopper.requested, start_eval, end_eval)
 
 
 def sample_rows(

@@ -103,3 +103,25 @@ def test_small_helpers() -> None:
     rows = [{"iteration": 0}, {"iteration": 1, "train/length_wrong": 5.0}]
     assert length_table(rows)[0]["length_wrong"] == 5.0
     assert sample_lengths([]) == {}
+
+
+def test_cli_lengths_smoke(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    _fake_run(tmp_path / "cmp" / "runs", "grpo-s0", 1.0)
+    _fake_run(tmp_path / "cmp" / "runs", "fisft+-s0", 0.0)
+    done = subprocess.run(
+        [sys.executable, "-m", "rlino", "analyze", "lengths", str(tmp_path / "cmp"),
+         "--out", str(tmp_path / "plots"), "--json"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert set(result["runs"]) == {"grpo-s0", "fisft+-s0"}
+    assert (tmp_path / "plots" / "weight_vs_length.png").is_file()
+    bad = subprocess.run(
+        [sys.executable, "-m", "rlino", "analyze", "lengths", str(tmp_path / "nothing")],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert bad.returncode == 2 and "error:" in bad.stderr

@@ -37,6 +37,12 @@ def _band(ax: Any, curve: Curve, label: str, scale: float = 1.0, **style: Any) -
         ax.fill_between(x, lo, hi, color=line.get_color(), alpha=0.15, linewidth=0)
 
 
+def _integer_iterations(ax: Any) -> None:
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+
+
 def _save(fig: Any, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
@@ -55,6 +61,7 @@ def line_plot(
         if curve["iteration"]:
             _band(ax, curve, label, scale)
     ax.set_xlabel("iteration")
+    _integer_iterations(ax)
     ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.grid(alpha=0.3)
@@ -81,6 +88,7 @@ def correct_vs_wrong_plot(
             _band(ax, wrong[label], "wrong", color="tab:red", linestyle="--")
         ax.set_title(label, fontsize=9)
         ax.set_xlabel("iteration", fontsize=8)
+        _integer_iterations(ax)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     for ax in list(axes.flat)[len(labels) :]:

