@@ -2,7 +2,7 @@
 
 Same model, same left-padded prompts (one sample per prompt, so both prefill the same rows), same
 sampling (temperature 1.0, top_p 1.0, no top-k), same length: EOS is ignored by both (rlino:
-`SamplingConfig(ignore_eos=True)`; HF: a generation config with `eos_token_id=None`), so every row
+`SamplingConfig(ignore_eos=True)`; HF: EOS set to an id the model cannot produce), so every row
 runs exactly `--new-tokens` steps; the script checks that both produced batch x new_tokens tokens.
 Each repeat times rlino then HF back to back; the ratio of medians over repeats is reported.
 
@@ -102,7 +102,9 @@ def run_hf(policy: Policy, prompts: list[list[int]], new_tokens: int, seed: int)
     tok = policy.tokenizer
     batch = tok.pad({"input_ids": prompts}, return_tensors="pt", padding_side="left")
     gen_config = copy.deepcopy(policy.model.generation_config)
-    gen_config.eos_token_id = None  # run the full length, as rlino does with ignore_eos
+    # Full length, as rlino with ignore_eos: None would fall back to the model's EOS, so use an id
+    # the model never produces.
+    gen_config.eos_token_id = [policy.model.config.vocab_size]
     gen_config.update(
         do_sample=True,
         temperature=1.0,

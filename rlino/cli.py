@@ -241,7 +241,7 @@ def analyze_equivalence_command(
     inner_steps: int = typer.Option(
         3, "--inner-steps", min=1, help="k: AdamW steps before the off-policy gradient."
     ),
-    inner_lr: float = typer.Option(1e-3, "--inner-lr", help="Learning rate of those k steps."),
+    inner_lr: float = typer.Option(1e-5, "--inner-lr", help="Learning rate of those k steps."),
     beta: float = typer.Option(0.04, "--beta", help="KL coefficient of the KL rows."),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
     dtype: str = typer.Option(

@@ -13,6 +13,7 @@ uninterrupted one exactly (on CPU); the learning-rate schedule advances once per
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import signal
 import time
@@ -89,7 +90,7 @@ def build(config: TrainConfig, weights: Path | None = None) -> Setup:
     get_template(template)
     method, params = resolve(config.method)
     if params.aggregation == "constant" and params.constant_length is None:
-        params.constant_length = config.rollout.max_new_tokens
+        params = dataclasses.replace(params, constant_length=config.rollout.max_new_tokens)
     if weights is not None:
         policy = load_policy(str(weights), device=config.model.device, dtype=config.model.dtype)
     else:
@@ -242,7 +243,8 @@ def update(
     ref_logp = frozen_logp(setup.reference.model) if needs_kl else None
     model.train()
 
-    totals: dict[str, float] = {"loss": 0.0}
+    loss_total, stat_weight = 0.0, 0.0
+    stat_totals: dict[str, float] = {}
     steps = 0
     grad_norms = []
     for _ in range(params.mu):
@@ -265,13 +267,17 @@ def update(
                 share = micro_batch_share(mask_full[rows], mask_full[mb], params.aggregation)
                 (loss * share).backward()
                 for key, value in stats.items():
-                    totals[key] = totals.get(key, 0.0) + float(value) * share
-                totals["loss"] = totals.get("loss", 0.0) + float(loss.detach()) * share
+                    stat_totals[key] = stat_totals.get(key, 0.0) + float(value) * share
+                stat_weight += share
+                loss_total += float(loss.detach()) * share
             clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else math.inf
             grad_norms.append(float(torch.nn.utils.clip_grad_norm_(model.parameters(), clip)))
             optimizer.step()
             steps += 1
-    out = {key: value / steps for key, value in totals.items()}
+    # The loss is the minibatch loss (skipped rows add 0 to it); the other statistics (ratio,
+    # clipping, KL) are means over the rows that were actually run through the model.
+    out = {key: value / stat_weight for key, value in stat_totals.items()}
+    out["loss"] = loss_total / steps
     out["grad_norm"] = sum(grad_norms) / len(grad_norms)
     out["optimizer_steps"] = steps
     return out

@@ -4,11 +4,16 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from rlino.analysis.compare import (
+    CompareSpec,
     load_spec,
     run_compare,
     run_config,
@@ -23,8 +28,22 @@ from rlino.analysis.report import (
     write_report,
 )
 from rlino.errors import UserError
+from rlino.tasks import Example, Score, Task, register_task
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models gain nothing from 2 threads, and on a busy 2-core machine OpenMP's spinning
+    threads made these tests ~30x slower; restore the setting afterwards."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
 
 # ---------------------------------------------------------------- statistics
 
@@ -52,8 +71,14 @@ def test_seed_stats_by_hand() -> None:
 
 
 def _rows(start: float, end: float, wrong_len: float, iterations: int = 4) -> list[dict]:
-    rows = [{"iteration": 0, "eval/accuracy": start, "eval/length_correct": 20.0,
-             "eval/length_wrong": 30.0}]
+    rows = [
+        {
+            "iteration": 0,
+            "eval/accuracy": start,
+            "eval/length_correct": 20.0,
+            "eval/length_wrong": 30.0,
+        }
+    ]
     for it in range(1, iterations + 1):
         row = {
             "iteration": it,
@@ -65,8 +90,13 @@ def _rows(start: float, end: float, wrong_len: float, iterations: int = 4) -> li
             "tokens/sampled": 100,
         }
         if it in (2, iterations):
-            row.update({"eval/accuracy": start + (end - start) * it / iterations,
-                        "eval/length_correct": 22.0, "eval/length_wrong": wrong_len})
+            row.update(
+                {
+                    "eval/accuracy": start + (end - start) * it / iterations,
+                    "eval/length_correct": 22.0,
+                    "eval/length_wrong": wrong_len,
+                }
+            )
         rows.append(row)
     return rows
 
@@ -116,7 +146,10 @@ def test_write_report_on_synthetic_runs(tmp_path: Path) -> None:
     assert "20.0 (n=1)" in report
     for name in ("accuracy.png", "lengths.png", "reward.png"):
         assert (tmp_path / name).stat().st_size > 1000
-    assert json.loads((tmp_path / "summary.json").read_text())["methods"].keys() == {"grpo", "fisft+"}
+    assert json.loads((tmp_path / "summary.json").read_text())["methods"].keys() == {
+        "grpo",
+        "fisft+",
+    }
 
 
 def test_write_report_needs_runs(tmp_path: Path) -> None:
@@ -136,6 +169,10 @@ def test_spec_parsing_and_errors() -> None:
         }
     )
     assert spec.run_names() == ["grpo-s0", "grpo-s1", "grpo-tm-s0", "grpo-tm-s1"]
+    unnamed = spec_from_dict(
+        {"methods": [{"name": "grpo", "aggregation": "token-mean"}, {"name": "grpo", "beta": 0.04}]}
+    )
+    assert [m.label for m in unnamed.methods] == ["grpo-token-mean", "grpo-beta0.04"]
     with pytest.raises(UserError, match="unknown method"):
         spec_from_dict({"methods": ["nope"]})
     with pytest.raises(UserError, match="unknown key"):
@@ -144,8 +181,9 @@ def test_spec_parsing_and_errors() -> None:
         spec_from_dict({"methods": ["grpo", "grpo"]})
     with pytest.raises(UserError, match="unknown config key"):
         spec_from_dict({"methods": ["grpo"], "train": {"itrations": 3}})
-    flags = spec_from_flags(spec, methods="grpo,fisft+", seeds="3", iterations=7,
-                            overrides=["optim.lr=1e-3"])
+    flags = spec_from_flags(
+        spec, methods="grpo,fisft+", seeds="3", iterations=7, overrides=["optim.lr=1e-3"]
+    )
     assert flags.run_names() == ["grpo-s3", "fisft+-s3"]
     assert flags.train["iterations"] == 7
     assert run_config(flags, flags.methods[1], 3).optim.lr == pytest.approx(1e-3)
@@ -155,3 +193,143 @@ def test_spec_parsing_and_errors() -> None:
 def test_shipped_compare_presets_load(name: str) -> None:
     spec = load_spec(name)
     assert len(spec.seeds) >= 1 and len(spec.methods) >= 2
+
+
+# ---------------------------------------------------------------- end to end
+
+
+@register_task("analysis-compare-e")
+class ContainsE(Task):
+    """Right when the completion contains an "e" (sampling stops there): signal for a random model."""
+
+    name = "analysis-compare-e"
+    default_template = "plain"
+
+    def examples(self, split: str) -> list[Example]:
+        return [{"q": f"say something {i}"} for i in range(32 if split == "train" else 4)]
+
+    def question(self, example: Example) -> str:
+        return example["q"]
+
+    def score(self, completion: str, example: Example) -> Score:
+        hit = "e" in completion
+        return Score(correct=hit, reward=float(hit), extracted=None, format_ok=True)
+
+    def stop_strings(self, template: str | None = None) -> tuple[str, ...]:
+        return ("e",)
+
+
+def _tiny_spec(model_dir: Path) -> CompareSpec:
+    return spec_from_dict(
+        {
+            "title": "test grid",
+            "methods": ["grpo", "fisft+"],
+            "seeds": [0, 1],
+            "train": {
+                "model": {"path": str(model_dir)},
+                "task": {"name": "analysis-compare-e"},
+                "rollout": {"prompts_per_iter": 2, "samples_per_prompt": 4, "max_new_tokens": 12},
+                "optim": {"lr": 1e-2},
+                "eval": {"every": 1, "num_examples": 4},
+                "iterations": 2,
+                "checkpoint_every": 1,
+                "samples_every": 1,
+                "tensorboard": False,
+            },
+        }
+    )
+
+
+def test_compare_grid_report_and_resume(tiny_random_model_dir: Path, tmp_path: Path) -> None:
+    from rlino.train import train
+
+    calls: list[tuple[str, bool]] = []
+
+    def counting_train(config, run_dir, **kw):
+        calls.append((run_dir.name, kw["resume"]))
+        return train(config, run_dir, **kw)
+
+    spec = _tiny_spec(tiny_random_model_dir)
+    out = tmp_path / "cmp"
+    report = run_compare(spec, out, progress=False, train_fn=counting_train)
+    assert report == out / "report.md"
+    assert calls == [
+        ("grpo-s0", False),
+        ("grpo-s1", False),
+        ("fisft+-s0", False),
+        ("fisft+-s1", False),
+    ]
+    for name in ("report.md", "summary.json", "accuracy.png", "lengths.png", "reward.png"):
+        assert (out / name).is_file()
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["methods"]["grpo"]["seeds"] == [0, 1]
+    assert summary["methods"]["fisft+"]["final_accuracy"]["n"] == 2
+    assert all(r["iterations"] == 2 and r["finished"] for r in summary["runs"])
+    # same seed, same prompts: the first logged group's prompt agrees across methods
+    first = [json.loads(line)["prompt"] for line in (out / "runs/grpo-s1/samples.jsonl").open()][:1]
+    other = [json.loads(line)["prompt"] for line in (out / "runs/fisft+-s1/samples.jsonl").open()][
+        :1
+    ]
+    assert first == other
+
+    # a second call redoes nothing
+    mtimes = {p: p.stat().st_mtime_ns for p in out.glob("runs/*/metrics.jsonl")}
+    calls.clear()
+    run_compare(spec, out, progress=False, train_fn=counting_train)
+    assert calls == []
+    assert {p: p.stat().st_mtime_ns for p in out.glob("runs/*/metrics.jsonl")} == mtimes
+
+    # interrupted runs: one with a checkpoint resumes, one without restarts cleanly
+    shutil.rmtree(out / "runs/grpo-s1/final")
+    shutil.rmtree(out / "runs/fisft+-s0/final")
+    shutil.rmtree(out / "runs/fisft+-s0/checkpoints")
+    run_compare(spec, out, progress=False, train_fn=counting_train)
+    assert calls == [("grpo-s1", True), ("fisft+-s0", False)]
+    assert (out / "runs/grpo-s1/final").is_dir() and (out / "runs/fisft+-s0/final").is_dir()
+    rows = [json.loads(line) for line in (out / "runs/fisft+-s0/metrics.jsonl").open()]
+    assert [r["iteration"] for r in rows] == [0, 1, 2]
+
+    # a changed shared config is refused instead of mixing runs
+    spec.train["optim"] = {"lr": 5e-3}
+    with pytest.raises(UserError, match="different config"):
+        run_compare(spec, out, progress=False, train_fn=counting_train)
+
+
+def test_cli_report_only_smoke(tmp_path: Path) -> None:
+    for seed, end in enumerate([0.30, 0.50]):
+        _write_run(tmp_path, f"grpo-s{seed}", _rows(0.10, end, 40.0))
+    done = subprocess.run(
+        [sys.executable, "-m", "rlino", "compare", "--report-only", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "report:" in done.stdout
+    assert "| grpo | 0,1 | 40.0 ± 14.1 [-87.1, 167.1]" in (tmp_path / "report.md").read_text()
+    bad = subprocess.run(
+        [sys.executable, "-m", "rlino", "compare", "--methods", "nope"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert bad.returncode == 2 and "unknown method" in bad.stderr
+
+
+@pytest.mark.slow
+def test_cli_compare_smoke(tiny_random_model_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "cmp"
+    args = [
+        sys.executable, "-m", "rlino", "compare", "--methods", "grpo,fisft+", "--seeds", "0",
+        "--iterations", "1", "--out", str(out), "--quiet",
+        "--set", f"model.path={tiny_random_model_dir}",
+        "--set", "rollout.prompts_per_iter=2", "--set", "rollout.samples_per_prompt=2",
+        "--set", "rollout.max_new_tokens=8", "--set", "eval.num_examples=2",
+        "--set", "tensorboard=false",
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(args, capture_output=True, text=True, timeout=300, env=env)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().splitlines()[-1] == f"report: {out / 'report.md'}"
+    summary = json.loads((out / "summary.json").read_text())
+    assert list(summary["methods"]) == ["grpo", "fisft+"]

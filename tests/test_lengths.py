@@ -60,7 +60,14 @@ def test_checkpoints_spread_over_the_run() -> None:
 def _fake_run(root: Path, name: str, wrong_growth: float) -> Path:
     run = root / name
     run.mkdir(parents=True)
-    rows = [{"iteration": 0, "eval/accuracy": 0.1, "eval/length_correct": 30.0, "eval/length_wrong": 40.0}]
+    rows = [
+        {
+            "iteration": 0,
+            "eval/accuracy": 0.1,
+            "eval/length_correct": 30.0,
+            "eval/length_wrong": 40.0,
+        }
+    ]
     for it in range(1, 11):
         rows.append(
             {
@@ -112,9 +119,20 @@ def test_cli_lengths_smoke(tmp_path: Path) -> None:
     _fake_run(tmp_path / "cmp" / "runs", "grpo-s0", 1.0)
     _fake_run(tmp_path / "cmp" / "runs", "fisft+-s0", 0.0)
     done = subprocess.run(
-        [sys.executable, "-m", "rlino", "analyze", "lengths", str(tmp_path / "cmp"),
-         "--out", str(tmp_path / "plots"), "--json"],
-        capture_output=True, text=True, timeout=120,
+        [
+            sys.executable,
+            "-m",
+            "rlino",
+            "analyze",
+            "lengths",
+            str(tmp_path / "cmp"),
+            "--out",
+            str(tmp_path / "plots"),
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert done.returncode == 0, done.stderr
     result = json.loads(done.stdout.strip().splitlines()[-1])
@@ -122,6 +140,8 @@ def test_cli_lengths_smoke(tmp_path: Path) -> None:
     assert (tmp_path / "plots" / "weight_vs_length.png").is_file()
     bad = subprocess.run(
         [sys.executable, "-m", "rlino", "analyze", "lengths", str(tmp_path / "nothing")],
-        capture_output=True, text=True, timeout=120,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert bad.returncode == 2 and "error:" in bad.stderr

@@ -84,8 +84,8 @@ def run_name(label: str, seed: int) -> str:
 
 
 def _default_label(params: dict[str, Any]) -> str:
-    """`grpo` for plain names; `grpo-aggregation=token-mean` style when knobs are set."""
-    extras = [f"{k}={v}" for k, v in params.items() if k != "name"]
+    """A label when none is given: `grpo-token-mean`, `grpo-beta0.04`, `fisft-alpha0.25`."""
+    extras = [str(v) if isinstance(v, str) else f"{k}{v}" for k, v in params.items() if k != "name"]
     return "-".join([str(params["name"]), *extras]).replace(" ", "")
 
 
@@ -132,7 +132,9 @@ def spec_from_dict(data: dict[str, Any]) -> CompareSpec:
     if not isinstance(data, dict):
         raise UserError("a compare config must be a YAML mapping")
     if unknown := sorted(set(data) - set(SPEC_KEYS)):
-        raise UserError(f"unknown compare key(s) {', '.join(unknown)}; known: {', '.join(SPEC_KEYS)}")
+        raise UserError(
+            f"unknown compare key(s) {', '.join(unknown)}; known: {', '.join(SPEC_KEYS)}"
+        )
     raw_methods = data.get("methods")
     if not isinstance(raw_methods, list) or not raw_methods:
         raise UserError("a compare config needs a non-empty `methods:` list")
@@ -236,11 +238,7 @@ def config_mismatch(config: TrainConfig, run_dir: Path) -> list[str]:
     saved = _flatten(yaml.safe_load(path.read_text()) or {})
     wanted = _flatten(to_dict(config))
     keys = sorted(set(saved) | set(wanted))
-    return [
-        k
-        for k in keys
-        if k not in IGNORED_WHEN_RESUMING and saved.get(k) != wanted.get(k)
-    ]
+    return [k for k in keys if k not in IGNORED_WHEN_RESUMING and saved.get(k) != wanted.get(k)]
 
 
 TrainFn = Callable[..., Any]

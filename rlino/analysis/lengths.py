@@ -165,6 +165,12 @@ def _run_settings(run_dir: Path) -> tuple[str, int]:
     return str(method.get("aggregation", "seq-mean")), int(rollout.get("max_new_tokens", 128))
 
 
+def _table_lengths(cap: int) -> list[int]:
+    """1, 2, 4, ... up to the cap, and the cap itself."""
+    out = [2**k for k in range(cap.bit_length()) if 2**k <= cap]
+    return out if out[-1] == cap else [*out, cap]
+
+
 def _curve(points: list[tuple[int, float]]) -> dict[str, list[float]]:
     return {
         "iteration": [float(i) for i, _ in points],
@@ -240,9 +246,7 @@ def analyze_lengths(
     a_wrong = grpo_wrong_advantage(wrong_fraction_correct)
     lengths = list(range(1, cap + 1))
     mechanism = {
-        agg: weight_vs_length(
-            a_wrong, lengths, agg, mean_length=mean_length, constant_length=cap
-        )
+        agg: weight_vs_length(a_wrong, lengths, agg, mean_length=mean_length, constant_length=cap)
         for agg in AGGREGATIONS
     }
     plots.append(
@@ -250,8 +254,8 @@ def analyze_lengths(
             {agg: (lengths, [abs(w) for w in ws]) for agg, ws in mechanism.items()},
             out_dir / "weight_vs_length.png",
             title=(
-                f"Per-token push-down of a wrong answer (A- = {a_wrong:.2f}, "
-                f"mean length {mean_length:.0f}, C = {cap})"
+                "Per-token push-down of a wrong answer\n"
+                f"(A- = {a_wrong:.2f}, batch mean length {mean_length:.0f}, C = {cap})"
             ),
             xlabel="length of the wrong answer (tokens)",
             ylabel="|per-token weight| x N",
@@ -265,7 +269,7 @@ def analyze_lengths(
             "mean_length": mean_length,
             "constant_length": cap,
             "per_token_weight_at": {
-                agg: {str(length): mechanism[agg][length - 1] for length in checkpoints(lengths)}
+                agg: {str(length): mechanism[agg][length - 1] for length in _table_lengths(cap)}
                 for agg in AGGREGATIONS
             },
         },
@@ -295,14 +299,20 @@ def _num(value: Any, digits: int = 1) -> str:
 
 
 def lengths_command(*, run_dirs: list[str], out: str | None, json_out: bool) -> dict[str, Any]:
-    """Body of `rlino analyze lengths`: tables on the console, plots in --out."""
+    """Body of `rlino analyze lengths`: tables on the console, plots in --out.
+
+    The default --out is `lengths/` inside the first argument when it is a comparison directory,
+    else beside the first run.
+    """
     import json
 
     from rich.console import Console
     from rich.table import Table
 
     dirs = expand_run_dirs(run_dirs)
-    out_dir = Path(out) if out else dirs[0].parent / "lengths"
+    first = Path(run_dirs[0])
+    default = first / "lengths" if (first / "runs").is_dir() else dirs[0].parent / "lengths"
+    out_dir = Path(out) if out else default
     result = analyze_lengths(dirs, out_dir)
     console = Console()
     for name, run in result["runs"].items():

@@ -373,9 +373,7 @@ def write_report(out_dir: Path, title: str = "rlino comparison") -> dict[str, An
     if not dirs:
         raise UserError(f"no runs with metrics under {out_dir / 'runs'} yet")
     summaries = [summarize_run(d) for d in dirs]
-    rows_by_run = {
-        parse_run_name(d.name): read_jsonl(d / "metrics.jsonl") for d in dirs
-    }
+    rows_by_run = {parse_run_name(d.name): read_jsonl(d / "metrics.jsonl") for d in dirs}
     table = method_table(summaries)
     plot_curves = {
         key: curves(rows_by_run, key)

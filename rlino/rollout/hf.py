@@ -67,9 +67,10 @@ def generate_hf(
     per_chunk = num_prompts if batch_size is None else max(1, batch_size // num_samples)
     stops = stop_ids(policy, config)
     sample = config.temperature > 0
-    # A copy of the generation config, so that `eos_token_id=None` really means "no EOS" (ignore_eos).
+    # `generate` falls back to the model's EOS when given None, so "no stop id" (ignore_eos) is an id
+    # the model can never produce: the vocabulary size.
     gen_config = copy.deepcopy(model.generation_config)
-    gen_config.eos_token_id = stops or None
+    gen_config.eos_token_id = stops or [model.config.get_text_config().vocab_size]
     options: dict[str, object] = {
         "generation_config": gen_config,
         "max_new_tokens": config.max_new_tokens,
