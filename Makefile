@@ -29,3 +29,18 @@ lint: $(STAMP)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info
+
+# Benchmark environment: rlino plus its peers (TRL), kept apart from .venv so that TRL never
+# becomes a dependency of rlino or of its tests. torch is pinned first (a local CPU wheel).
+BENCH_VENV ?= .venv-bench
+BENCH_STAMP := $(BENCH_VENV)/.rlino-bench-installed
+
+$(BENCH_STAMP): pyproject.toml benchmarks/requirements.txt
+	python3 -m venv $(BENCH_VENV)
+	$(BENCH_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(BENCH_VENV)/bin/python -m pip install --quiet torch==2.13.0
+	$(BENCH_VENV)/bin/python -m pip install --quiet -e . -r benchmarks/requirements.txt
+	touch $(BENCH_STAMP)
+
+.PHONY: bench-env
+bench-env: $(BENCH_STAMP)

@@ -4,7 +4,9 @@ Same model, same left-padded prompts (one sample per prompt, so both prefill the
 sampling (temperature 1.0, top_p 1.0, no top-k), same length: EOS is ignored by both (rlino:
 `SamplingConfig(ignore_eos=True)`; HF: EOS set to an id the model cannot produce), so every row
 runs exactly `--new-tokens` steps; the script checks that both produced batch x new_tokens tokens.
-Each repeat times rlino then HF back to back; the ratio of medians over repeats is reported.
+Each repeat times rlino then HF back to back; the ratio of medians over repeats is reported, for
+wall-clock tokens/s and for process CPU time (steadier on a shared machine; use --threads 1 there,
+as idle OpenMP threads spinning also count as CPU time).
 
 Models: "tiny" is `rlino/assets/tiny-countdown` when present, else a random ~3M-parameter Qwen2 with
 a 64-symbol character vocabulary built here; "smollm2" is SmolLM2-135M-Instruct (GGUF, from the
@@ -123,19 +125,29 @@ def bench(policy: Policy, name: str, batch: int, new_tokens: int, repeats: int) 
     prompts = prompts_for(policy, name, batch)
     run_ours(policy, prompts, 4, 0)  # warm-up: first-call allocations, lazy inits
     run_hf(policy, prompts, 4, 0)
-    times: dict[str, list[float]] = {"rlino": [], "hf": []}
+    wall: dict[str, list[float]] = {"rlino": [], "hf": []}
+    cpu: dict[str, list[float]] = {"rlino": [], "hf": []}
     for rep in range(repeats):
         for label, fn in (("rlino", run_ours), ("hf", run_hf)):
-            start = time.perf_counter()
+            start, start_cpu = time.perf_counter(), time.process_time()
             tokens = fn(policy, prompts, new_tokens, rep)
-            times[label].append(time.perf_counter() - start)
+            wall[label].append(time.perf_counter() - start)
+            cpu[label].append(time.process_time() - start_cpu)
             if tokens != batch * new_tokens:
                 raise RuntimeError(
                     f"{label} produced {tokens} tokens, expected {batch * new_tokens}"
                 )
-    ours = batch * new_tokens / statistics.median(times["rlino"])
-    hf = batch * new_tokens / statistics.median(times["hf"])
-    return {"model": name, "batch": batch, "rlino_tok_s": ours, "hf_tok_s": hf, "ratio": ours / hf}
+    ours = batch * new_tokens / statistics.median(wall["rlino"])
+    hf = batch * new_tokens / statistics.median(wall["hf"])
+    cpu_ratio = statistics.median(cpu["hf"]) / statistics.median(cpu["rlino"])
+    return {
+        "model": name,
+        "batch": batch,
+        "rlino_tok_s": ours,
+        "hf_tok_s": hf,
+        "ratio": ours / hf,
+        "cpu_ratio": cpu_ratio,
+    }
 
 
 def load(name: str) -> Policy:
@@ -183,10 +195,20 @@ def main() -> None:
             rows.append(row)
             print(
                 f"{name:8s} batch {batch:3d}  rlino {row['rlino_tok_s']:9.1f} tok/s  "
-                f"hf {row['hf_tok_s']:9.1f} tok/s  ratio {row['ratio']:.2f}x",
+                f"hf {row['hf_tok_s']:9.1f} tok/s  ratio {row['ratio']:.2f}x  "
+                f"(CPU-time ratio {row['cpu_ratio']:.2f}x)",
                 flush=True,
             )
-    print(json.dumps({f"{r['model']}/b{r['batch']}": round(r["ratio"], 3) for r in rows}))
+    print(
+        json.dumps(
+            {
+                "ratio": {f"{r['model']}/b{r['batch']}": round(r["ratio"], 3) for r in rows},
+                "cpu_ratio": {
+                    f"{r['model']}/b{r['batch']}": round(r["cpu_ratio"], 3) for r in rows
+                },
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

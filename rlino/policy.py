@@ -235,6 +235,12 @@ def token_logprobs_and_entropy(
     targets = input_ids[:, completion_start:].reshape(-1)  # (B*Lc,)
     head = model.get_output_embeddings()
     softcap = getattr(model.config.get_text_config(), "final_logit_softcapping", None)
+    plain_head = isinstance(head, torch.nn.Linear) and head.bias is None
+    if not with_entropy and plain_head and not softcap and temperature == 1.0:
+        from rlino.logprobs import selective_log_softmax
+
+        logp = selective_log_softmax(flat_hidden, head.weight, targets)  # (B*Lc,)
+        return logp.view(batch, width), torch.zeros(batch, width, device=logp.device)
     logps, ents = [], []
     for i in range(0, flat_hidden.shape[0], chunk_size):
         args = (

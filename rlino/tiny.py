@@ -1,4 +1,4 @@
-"""The built-in tiny base model: a ~2M-parameter Qwen2 pretrained from scratch on synthetic Countdown.
+"""The built-in tiny base model: a ~1M-parameter Llama pretrained from scratch on synthetic Countdown.
 
 Why: the whole post-training pipeline (sample -> verify -> weigh -> update) must run on a 2-core CPU
 in minutes. A real base model is far too slow there, so rlino ships a tiny one that behaves like a
@@ -13,10 +13,11 @@ varying length (see `rlino.tiny_corpus` for how the traces make it improvable by
   cache on first use if the package lacks it.
 - `measure(model_dir)` is a small greedy/sampled accuracy check used to tune the corpus.
 
-The tokenizer is word-level: each number 0..999 is one token (with and without a leading space),
-so is every other ASCII character (likewise), and the prompt's fixed
+The tokenizer is word-level: each number 0..999 is one token (never with a space, so a number is
+one and the same token wherever it appears), so is every other ASCII character (with or without a
+space on either side), and the prompt's fixed
 boilerplate (the text between numbers that every prompt shares) is one added token per segment,
-so an r1 prompt is about 16 tokens and a completion 20-120.
+so an r1 Countdown prompt is 9 tokens and a completion 20-120.
 """
 
 from __future__ import annotations
@@ -43,8 +44,12 @@ TASK_FILE = "rlino_task.json"
 TEMPLATE = "r1"
 PAD, EOS, UNK = "<|pad|>", "<|endoftext|>", "<|unk|>"
 TAGS = ("<think>", "</think>", "<answer>", "</answer>")
-PIECE_PATTERN = r" ?\d{1,3}| ?[^\s\d]|\s"
-"""Pre-tokenizer pieces: 1-3 digits or one other character, each with an optional leading space."""
+PIECE_PATTERN = r"\d{1,3}| ?[^\s\d] ?|\s"
+"""Pre-tokenizer pieces: 1-3 digits, or one other character with a space on either side.
+
+Numbers never carry a space, so a number is the same token in the prompt's list, in the thinking
+and in the answer: copying it is a plain token match.
+"""
 
 DEFAULT_TASK_OPTIONS: dict[str, Any] = {
     "num_numbers": 3,
@@ -83,6 +88,8 @@ class PretrainConfig:
     """MLP width."""
     threads: int = 2
     """torch CPU threads (the target machine has 2 cores)."""
+    whole_numbers: bool = True
+    """Each number 0..999 is one token (else one token per digit)."""
     style: TraceStyle = field(default_factory=TraceStyle)
     """How sloppy the traced policy is (see rlino.tiny_corpus)."""
 
@@ -134,16 +141,12 @@ def _countdown_task(options: dict[str, Any]) -> Task:
     return get_task("countdown", **options)
 
 
-def _instance_key(example: Example) -> tuple[tuple[int, ...], int]:
-    return tuple(sorted(example["numbers"])), int(example["target"])
-
-
 def training_instances(task: Task, n: int, seed: int) -> list[Example]:
     """`n` fresh instances drawn with the task's train settings, none equal to a test instance."""
-    from rlino.tasks.countdown import generate_instances
+    from rlino.tasks.countdown import generate_instances, instance_key
 
     options = task.settings()
-    banned = {_instance_key(ex) for ex in task.examples("test")}
+    banned = {instance_key(ex) for ex in task.examples("test")}
     rng = random.Random(f"rlino-tiny-corpus-{seed}")
     out: list[Example] = []
     while len(out) < n:
@@ -155,7 +158,7 @@ def training_instances(task: Task, n: int, seed: int) -> list[Example]:
             max_target=options["max_target"],
             rng=rng,
         )
-        out.extend(ex for ex in batch if _instance_key(ex) not in banned)
+        out.extend(ex for ex in batch if instance_key(ex) not in banned)
     return out
 
 
@@ -173,16 +176,29 @@ def corpus(task: Task, n: int, seed: int, style: TraceStyle | None = None) -> li
 # ---- tokenizer ----
 
 
-def boilerplate_segments(prompts: Sequence[str], min_share: float = 0.9) -> list[str]:
-    """The digit-free stretches shared by (nearly) all prompts: cheap single tokens for them."""
-    counts: Counter[str] = Counter()
-    for prompt in prompts:
-        counts.update(set(re.split(r"\d+", prompt)))
-    need = min_share * len(prompts)
-    return sorted(s for s, c in counts.items() if c >= need and len(s) >= 6)
+def boilerplate_segments(prompts: Sequence[str], min_length: int = 6) -> list[str]:
+    """The stretches of text (digits included) that every prompt shares, as single tokens.
+
+    Prompts are cut at numbers into pieces; a piece equal in all prompts is constant, and runs of
+    constant pieces are merged. So the template's "for example <answer> (1 + 2) / 3 </answer>"
+    becomes part of one token and the only numbers left in a prompt are the instance's own.
+    """
+    split = [re.split(r"(\d+)", p) for p in prompts]
+    shape = Counter(len(pieces) for pieces in split).most_common(1)[0][0]
+    split = [pieces for pieces in split if len(pieces) == shape]
+    segments: set[str] = set()
+    run = ""
+    for i in range(shape):
+        if all(pieces[i] == split[0][i] for pieces in split):
+            run += split[0][i]
+            continue
+        segments.add(run)
+        run = ""
+    segments.add(run)
+    return sorted(seg for seg in segments if len(seg) >= min_length)
 
 
-def build_tokenizer(prompts: Sequence[str]) -> PreTrainedTokenizerFast:
+def build_tokenizer(prompts: Sequence[str], whole_numbers: bool = True) -> PreTrainedTokenizerFast:
     """A word-level fast tokenizer: numbers, ASCII characters, and the prompts' boilerplate.
 
     Any ASCII text round-trips exactly; text outside the boilerplate costs a token per character
@@ -192,17 +208,20 @@ def build_tokenizer(prompts: Sequence[str]) -> PreTrainedTokenizerFast:
     from transformers import PreTrainedTokenizerFast
 
     digits = [str(i) for i in range(10)]
-    numbers = digits + [a + b for a in digits for b in digits]
-    numbers += [a + b for a in digits for b in numbers[10:]]
+    numbers = list(digits)
+    if whole_numbers:
+        numbers += [a + b for a in digits for b in digits]
+        numbers += [a + b for a in digits for b in numbers[10:]]
+    pattern = PIECE_PATTERN if whole_numbers else PIECE_PATTERN.replace("{1,3}", "")
     chars = [chr(c) for c in range(33, 127) if not chr(c).isdigit()]
-    base = [*numbers, *chars]
-    pieces = [*base, *(" " + p for p in base), " ", "\n", "\t", "\r"]
+    spaced = [s for c in chars for s in (c, " " + c, c + " ", " " + c + " ")]
+    pieces = [*numbers, *spaced, " ", "\n", "\t", "\r"]
     vocab: dict[str, int] = {}
     for piece in [PAD, EOS, UNK, *pieces]:
         vocab.setdefault(piece, len(vocab))
 
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK))
-    tok.pre_tokenizer = pre_tokenizers.Split(Regex(PIECE_PATTERN), behavior="isolated")
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex(pattern), behavior="isolated")
     tok.decoder = decoders.Fuse()
     added = [*TAGS, *boilerplate_segments(prompts)]
     tok.add_tokens([AddedToken(t, normalized=False, single_word=False) for t in added])
@@ -222,11 +241,15 @@ def build_tokenizer(prompts: Sequence[str]) -> PreTrainedTokenizerFast:
 
 
 def build_model(config: PretrainConfig, tokenizer: PreTrainedTokenizerFast) -> PreTrainedModel:
-    """A freshly initialised Qwen2 causal LM sized by `config` (weights seeded by the caller)."""
-    from transformers import Qwen2Config, Qwen2ForCausalLM
+    """A freshly initialised Llama causal LM sized by `config` (weights seeded by the caller).
+
+    Llama, not Qwen2: transformers 5 loads a Qwen2 directory's tokenizer as `Qwen2Tokenizer`,
+    which swaps in its own byte-level pre-tokenizer; for Llama it honours tokenizer.json as saved.
+    """
+    from transformers import LlamaConfig, LlamaForCausalLM
 
     answer_end = tokenizer.convert_tokens_to_ids("</answer>")
-    model_config = Qwen2Config(
+    model_config = LlamaConfig(
         vocab_size=len(tokenizer),
         hidden_size=config.hidden_size,
         intermediate_size=config.intermediate_size,
@@ -239,7 +262,7 @@ def build_model(config: PretrainConfig, tokenizer: PreTrainedTokenizerFast) -> P
         eos_token_id=tokenizer.eos_token_id,
         bos_token_id=None,
     )
-    model = Qwen2ForCausalLM(model_config)
+    model = LlamaForCausalLM(model_config)
     gen = model.generation_config
     gen.eos_token_id = [tokenizer.eos_token_id, answer_end]
     gen.pad_token_id = tokenizer.pad_token_id
@@ -327,7 +350,7 @@ def pretrain(config: PretrainConfig, out: str | Path, progress: bool = True) -> 
     torch.manual_seed(config.seed)
 
     pairs = corpus(task, config.steps * config.batch_size, config.seed, config.style)
-    tokenizer = build_tokenizer([p for p, _ in pairs[:200]])
+    tokenizer = build_tokenizer([p for p, _ in pairs[:200]], config.whole_numbers)
     batches = _length_buckets(_encode(tokenizer, pairs), config.batch_size, config.seed)
     model = build_model(config, tokenizer)
     optimizer = torch.optim.AdamW(
@@ -374,6 +397,10 @@ class _progress_bar:
     def __enter__(self) -> Any:
         if not self.enabled:
             return lambda text: None
+        import sys
+
+        if not sys.stderr.isatty():
+            return self._log_lines()
         from rich.progress import (
             BarColumn,
             MofNCompleteColumn,
@@ -396,8 +423,24 @@ class _progress_bar:
         task_id = self.bar.add_task(self.label, total=self.total, status="")
         return lambda text: self.bar.update(task_id, advance=1, status=text)
 
+    def _log_lines(self) -> Any:
+        """Without a terminal: one plain line every 5% of the steps (no silent wait in logs)."""
+        import sys
+
+        every, done, start = max(1, self.total // 20), 0, time.perf_counter()
+        self.bar = None
+
+        def advance(text: str) -> None:
+            nonlocal done
+            done += 1
+            if done % every == 0 or done == self.total:
+                elapsed = time.perf_counter() - start
+                print(f"{self.label}: {done}/{self.total} {text} {elapsed:.0f} s", file=sys.stderr)
+
+        return advance
+
     def __exit__(self, *exc: object) -> None:
-        if self.enabled:
+        if self.enabled and self.bar is not None:
             self.bar.stop()
 
 

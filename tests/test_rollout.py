@@ -55,17 +55,32 @@ def test_greedy_matches_hf_generate(tiny: Policy) -> None:
     assert completions(r) == hf_greedy(tiny, prompts, 24)
 
 
-def test_greedy_matches_with_samples_chunks_and_compaction(tiny: Policy) -> None:
-    """Several samples per prompt and small chunks still give HF's greedy tokens on every row."""
+def test_greedy_matches_with_samples_chunks_and_compaction(
+    tiny: Policy, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Several samples per prompt, small chunks and rows dropped mid-way: still HF's greedy tokens."""
+    from rlino.rollout.sampler import SlabCache
+
+    kept_rows: list[int] = []
+    original = SlabCache.batch_select_indices
+
+    def spy(self: SlabCache, indices: torch.Tensor) -> None:
+        kept_rows.append(indices.numel())
+        original(self, indices)
+
+    monkeypatch.setattr(SlabCache, "batch_select_indices", spy)
     prompts = encode(tiny, PROMPTS)
-    config = SamplingConfig(temperature=0, max_new_tokens=40, stop_token_ids=(5, 9))
+    reference = hf_greedy(tiny, prompts, 24)
+    stop = (reference[0][3], reference[2][2])  # tokens the greedy path really emits early
+    config = SamplingConfig(temperature=0, max_new_tokens=24, stop_token_ids=stop)
     r = generate(tiny, prompts, 3, config, seed=0, batch_size=6)
-    tok = tiny.tokenizer
-    reference = []
-    for row in hf_greedy(tiny, prompts, 40):
-        cut = next((i + 1 for i, t in enumerate(row) if t in (5, 9, tok.eos_token_id)), len(row))
-        reference += [row[:cut]] * 3
-    assert completions(r) == reference
+    expected = []
+    for row in reference:
+        ends = (*stop, tiny.tokenizer.eos_token_id)
+        cut = next((i + 1 for i, t in enumerate(row) if t in ends), len(row))
+        expected += [row[:cut]] * 3
+    assert completions(r) == expected
+    assert kept_rows, "finished rows were never dropped from the batch"
 
 
 def test_hf_backend_greedy_agrees(tiny: Policy) -> None:

@@ -27,6 +27,7 @@ import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
 from rlino.rollout import Rollouts, SamplingConfig, left_pad, stop_ids
+from rlino.rollout.fast_decode import LeanDecoder, lean_decoder
 
 if TYPE_CHECKING:
     from rlino.policy import Policy
@@ -45,12 +46,16 @@ class _SlabLayer(DynamicLayer):
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         _, heads, _, k_dim = key_states.shape
+        if value_states.shape[-1] != k_dim:
+            raise RuntimeError("the slab cache needs keys and values of the same head size")
         self.device = key_states.device
-        self.keys = key_states.new_empty((self.rows, heads, self.max_len, k_dim))
-        self.values = value_states.new_empty(
-            (self.rows, heads, self.max_len, value_states.shape[-1])
-        )
+        self._set_slab(key_states.new_empty((self.rows, 2, heads, self.max_len, k_dim)))
         self.is_initialized = True
+
+    def _set_slab(self, slab: torch.Tensor) -> None:
+        """Keys and values live in one (rows, 2, heads, max_len, head_dim) slab: one copy per step."""
+        self.slab = slab
+        self.keys, self.values = slab[:, 0], slab[:, 1]  # (rows, heads, max_len, head_dim) views
 
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, *args: object, **kwargs: object
@@ -84,11 +89,10 @@ class _SlabLayer(DynamicLayer):
         """Keep only the given rows, copying just the filled columns."""
         if not self.is_initialized:
             return
-        for name in ("keys", "values"):
-            old = getattr(self, name)
-            new = old.new_empty((indices.numel(), *old.shape[1:]))
-            new[:, :, : self.length] = old[indices, :, : self.length]
-            setattr(self, name, new)
+        old = self.slab
+        new = old.new_empty((indices.numel(), *old.shape[1:]))
+        new[..., : self.length, :] = old[indices, ..., : self.length, :]
+        self._set_slab(new)
 
 
 class SlabCache(Cache):
@@ -164,6 +168,53 @@ def _fast_mask_ok(model: torch.nn.Module) -> bool:
     return config._attn_implementation == "sdpa" and layer_types == {"full_attention"}
 
 
+class _ModelStep:
+    """Decode steps through the model's own forward: works for any architecture."""
+
+    def __init__(self, model: torch.nn.Module, cache: SlabCache, attn: torch.Tensor) -> None:
+        self.model, self.cache, self.attn = model, cache, attn  # attn: (N, Lp + T) bool
+        self.ready_made = _fast_mask_ok(model)
+
+    def __call__(self, tokens: torch.Tensor, positions: torch.Tensor, length: int) -> torch.Tensor:
+        """Feed (b,) tokens at (b,) positions, the cache filled up to `length` after; (b, V) logits."""
+        attn = self.attn[:, :length]  # (b, length)
+        out = self.model(
+            input_ids=tokens[:, None],
+            attention_mask=attn[:, None, None, :] if self.ready_made else attn.long(),
+            position_ids=positions[:, None],
+            cache=self.cache,
+            use_cache=True,
+        )
+        return out.logits[:, -1]  # (b, V)
+
+    def select(self, keep: torch.Tensor, filled: int) -> None:
+        """Keep only rows `keep` (the cache holds `filled` columns)."""
+        self.cache.batch_select_indices(keep)
+        self.attn = self.attn[keep]
+
+
+class _LeanStep:
+    """Decode steps through `LeanDecoder` on the same slab cache the prefill filled."""
+
+    def __init__(self, decoder: LeanDecoder, cache: SlabCache, attn: torch.Tensor) -> None:
+        self.decoder, self.cache = decoder, cache
+        self.slabs = [layer.slab for layer in cache.layers]
+        self.mask = torch.zeros(attn.shape, dtype=decoder.embed.dtype, device=attn.device)
+        self.mask = self.mask.masked_fill_(~attn, float("-inf"))[:, None, None, :]  # (N,1,1,L)
+
+    def __call__(self, tokens: torch.Tensor, positions: torch.Tensor, length: int) -> torch.Tensor:
+        return self.decoder.step(
+            tokens, positions, self.slabs, length - 1, self.mask[..., :length]
+        )  # (b, V)
+
+    def select(self, keep: torch.Tensor, filled: int) -> None:
+        for layer in self.cache.layers:  # the lean step writes the slabs behind the cache's back
+            layer.length = filled
+        self.cache.batch_select_indices(keep)
+        self.slabs = [layer.slab for layer in self.cache.layers]
+        self.mask = self.mask[keep]
+
+
 @torch.inference_mode()
 def _decode_chunk(
     model: torch.nn.Module,
@@ -175,6 +226,7 @@ def _decode_chunk(
     stopper: _StopStrings | None,
     generator: torch.Generator,
     pad_id: int,
+    decoder: LeanDecoder | None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Sample `group` completions for each of the (P, Lp) left-padded prompts.
 
@@ -196,12 +248,11 @@ def _decode_chunk(
         logits_to_keep=1,
     )
     logits = out.logits[:, -1].repeat_interleave(group, dim=0)  # (N, V)
-    next_pos = mask.sum(dim=1).repeat_interleave(group)[:, None]  # (N, 1)
+    next_pos = mask.sum(dim=1).repeat_interleave(group)  # (N,)
     attn = torch.cat(
         [mask.repeat_interleave(group, dim=0), mask.new_ones((rows_total, steps))], dim=1
     )  # (N, Lp + T) bool: prompt mask, then every generated column visible
-    fast_mask = _fast_mask_ok(model)
-    attn4 = attn[:, None, None, :]  # (N, 1, 1, Lp + T)
+    forward = _ModelStep(model, cache, attn) if decoder is None else _LeanStep(decoder, cache, attn)
 
     completion = torch.full((rows_total, steps), pad_id, dtype=torch.long, device=device)
     comp_mask = torch.zeros((rows_total, steps), dtype=torch.bool, device=device)
@@ -233,20 +284,9 @@ def _decode_chunk(
                 break
             if (step + 1) % COMPACT_EVERY == 0 and num_done * 8 >= done.numel():
                 keep = (~done).nonzero().squeeze(1)  # (b',)
-                cache.batch_select_indices(keep)
-                rows, tokens, next_pos = rows[keep], tokens[keep], next_pos[keep]
-                attn, done = attn[keep], done[keep]
-                attn4 = attn[:, None, None, :]
-        length = prompt_len + step + 1
-        step_mask = attn4[..., :length] if fast_mask else attn[:, :length].long()
-        out = model(
-            input_ids=tokens[:, None],
-            attention_mask=step_mask,
-            position_ids=next_pos,
-            cache=cache,
-            use_cache=True,
-        )
-        logits = out.logits[:, -1]  # (b, V)
+                forward.select(keep, prompt_len + step)
+                rows, tokens, next_pos, done = rows[keep], tokens[keep], next_pos[keep], done[keep]
+        logits = forward(tokens, next_pos, prompt_len + step + 1)  # (b, V)
         next_pos = next_pos + 1
     return completion, comp_mask, finished, logprobs
 
@@ -259,11 +299,13 @@ def generate_builtin(
     *,
     seed: int,
     batch_size: int | None = None,
+    lean: bool = True,
 ) -> Rollouts:
     """Sample with the built-in KV-cache sampler; see `rlino.rollout.generate` for the contract.
 
     Returns CPU tensors. Prompts are decoded in chunks of whole prompts so that at most
-    `batch_size` rows run at once (at least one prompt's samples per chunk).
+    `batch_size` rows run at once (at least one prompt's samples per chunk). Decode steps use
+    `LeanDecoder` where the architecture allows (`lean=False` forces the model's own forward).
     """
     model, tokenizer, device = policy.model, policy.tokenizer, policy.device
     pad_id = int(tokenizer.pad_token_id)
@@ -278,6 +320,10 @@ def generate_builtin(
 
     was_training = model.training
     model.eval()
+    decoder = None
+    if lean:
+        with torch.inference_mode():  # the fused weights must not join an autograd graph
+            decoder = lean_decoder(model, ids.shape[1] + config.max_new_tokens)
     try:
         parts = [
             _decode_chunk(
@@ -290,6 +336,7 @@ def generate_builtin(
                 stopper,
                 generator,
                 pad_id,
+                decoder,
             )
             for i in range(0, num_prompts, per_chunk)
         ]

