@@ -40,7 +40,7 @@ def task_names() -> list[str]:
 
 
 def _load_builtins() -> None:
-    import rlino.tasks.countdown  # noqa: F401  (registers "countdown")
+    import rlino.tasks.countdown  # registers "countdown"
     import rlino.tasks.gsm8k  # noqa: F401  (registers "gsm8k")
 
 
