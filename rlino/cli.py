@@ -77,9 +77,9 @@ def pretrain_command(
     out: str = typer.Option(..., "--out", help="Directory to write the HF model into."),
     task: str = typer.Option("countdown", "--task", help="Task whose r1 prompts to train on."),
     seed: int = typer.Option(0, "--seed", help="Seeds corpus, weights and batch order."),
-    steps: int = typer.Option(None, "--steps", help="Optimizer steps (default 600)."),
-    batch_size: int = typer.Option(None, "--batch-size", help="Sequences per step (default 64)."),
-    lr: float = typer.Option(None, "--lr", help="Peak learning rate (default 3e-3)."),
+    steps: int = typer.Option(None, "--steps", help="Optimizer steps (default 1000)."),
+    batch_size: int = typer.Option(None, "--batch-size", help="Sequences per step (default 32)."),
+    lr: float = typer.Option(None, "--lr", help="Peak learning rate (default 5e-3)."),
     threads: int = typer.Option(None, "--threads", help="torch CPU threads (default 2)."),
     task_opt: list[str] = typer.Option(
         [], "--task-opt", help="Task option key=value over the tiny defaults, e.g. max_number=30."
@@ -311,3 +311,19 @@ def compare_command(
 
 
 # @@ demo @@
+@app.command("demo")
+@user_errors
+def demo_command(
+    out: str = typer.Option("runs/demo", "--out", help="Output directory (re-running resumes)."),
+    seeds: str = typer.Option(
+        None, "--seeds", help="Seeds, e.g. 0,1,2 (default: configs/demo.yaml)."
+    ),
+    iterations: int = typer.Option(None, "--iterations", min=1, help="Iterations per run."),
+    quiet: bool = typer.Option(False, "--quiet", help="No progress bars."),
+) -> None:
+    """The paper's comparison on the built-in tiny base: GRPO, GRPO w/o KL, F-ISFT+, F-ISFT-, F-ISFT+- x 3 seeds."""
+    from pathlib import Path
+
+    from rlino.demo import run_demo
+
+    run_demo(Path(out), seeds=seeds, iterations=iterations, progress=not quiet)

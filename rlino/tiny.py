@@ -72,11 +72,11 @@ class PretrainConfig:
     """Options for `get_task` (train-split settings; test instances are never trained on)."""
     seed: int = 0
     """Seeds the corpus, the initial weights and the batch order."""
-    steps: int = 600
+    steps: int = 1000
     """Optimizer steps."""
-    batch_size: int = 64
+    batch_size: int = 32
     """Sequences per step (each a fresh synthetic prompt + trace)."""
-    lr: float = 3e-3
+    lr: float = 5e-3
     """Peak AdamW learning rate (linear warm-up, cosine decay to 10%)."""
     hidden_size: int = 128
     """Model width."""

@@ -66,11 +66,11 @@ class TraceStyle:
     """Misses are weighted exp(-|value - target| / (closeness * target + 1)): smaller = nearer."""
     stop_on_hit: float = 0.5
     """Chance to close the thinking right after a hit (else one or two more tries follow)."""
-    give_up: float = 0.3
+    give_up: float = 0.25
     """Chance to close the thinking after a try that missed."""
     pick_hit: float = 0.5
     """Chance that the answer is the hitting try when the thinking holds one (else the last try)."""
-    max_tries: int = 6
+    max_tries: int = 4
     """Most tries in one trace."""
 
 

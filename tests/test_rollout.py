@@ -225,3 +225,108 @@ def test_greedy_matches_hf_on_smollm2(smollm2_gguf: tuple[Path, str]) -> None:
     prompts = encode(policy, texts)
     r = generate(policy, prompts, 1, SamplingConfig(temperature=0, max_new_tokens=32), seed=0)
     assert completions(r) == hf_greedy(policy, prompts, 32)
+
+
+# ---- the lean decode step (rlino.rollout.fast_decode) and the two-level draw ----
+
+
+def random_policy(kind: str, tokenizer: object) -> Policy:
+    """A random 2-layer Llama / Mistral with GQA and an untied head, on the fixture's tokenizer."""
+    from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM
+
+    torch.manual_seed(1)
+    common = dict(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=False,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=None,
+    )
+    if kind == "llama3-rope":
+        rope = {
+            "rope_type": "llama3",
+            "rope_theta": 500000.0,
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 16,
+        }
+        model = LlamaForCausalLM(LlamaConfig(**common, rope_parameters=rope))
+    elif kind == "mistral":  # head_dim 16 != hidden / heads, one shared key/value head
+        common.update(num_key_value_heads=1, head_dim=16)
+        model = MistralForCausalLM(MistralConfig(**common))
+    else:
+        rope = {"rope_type": kind, "rope_theta": 10000.0}
+        if kind == "dynamic":
+            rope["factor"] = 2.0
+        model = LlamaForCausalLM(LlamaConfig(**common, rope_parameters=rope))
+    return Policy(model.eval(), tokenizer, torch.device("cpu"), torch.float32, f"random {kind}")
+
+
+def test_lean_step_is_bitwise_the_model_forward(tiny: Policy) -> None:
+    """Lean decode vs the model's own forward: same tokens and log-probs, to the last bit."""
+    from rlino.rollout.fast_decode import lean_decoder
+    from rlino.rollout.sampler import generate_builtin
+
+    assert lean_decoder(tiny.model, 64) is not None  # the tiny Qwen2 really takes the lean path
+    prompts = encode(tiny, PROMPTS)
+    configs = [
+        SamplingConfig(temperature=0, max_new_tokens=24, stop_token_ids=(5, 9)),
+        SamplingConfig(temperature=0.8, top_k=20, top_p=0.9, max_new_tokens=24),
+    ]
+    for config in configs:
+        lean = generate_builtin(tiny, prompts, 3, config, seed=7, batch_size=6)
+        slow = generate_builtin(tiny, prompts, 3, config, seed=7, batch_size=6, lean=False)
+        assert torch.equal(lean.completion_ids, slow.completion_ids)
+        assert torch.equal(lean.completion_mask, slow.completion_mask)
+        assert torch.equal(lean.logprobs, slow.logprobs)
+        assert torch.equal(lean.finished, slow.finished)
+
+
+@pytest.mark.parametrize("kind", ["default", "llama3-rope", "mistral"])
+def test_lean_greedy_matches_hf_on_llama_family(tiny: Policy, kind: str) -> None:
+    """Untied heads, GQA, an explicit head_dim and Llama-3 RoPE scaling: still HF's greedy tokens."""
+    from rlino.rollout.fast_decode import lean_decoder
+
+    policy = random_policy(kind, tiny.tokenizer)
+    assert lean_decoder(policy.model, 64) is not None
+    prompts = encode(policy, PROMPTS)
+    r = generate(policy, prompts, 1, SamplingConfig(temperature=0, max_new_tokens=24), seed=0)
+    assert completions(r) == hf_greedy(policy, prompts, 24)
+
+
+def test_lean_decoder_refuses_what_it_cannot_reproduce(tiny: Policy) -> None:
+    """Dynamic RoPE and sliding windows in reach fall back to the model's forward, which still works."""
+    from rlino.rollout.fast_decode import lean_decoder, unsupported_reason
+
+    dynamic = random_policy("dynamic", tiny.tokenizer)
+    assert "rope type" in (unsupported_reason(dynamic.model, 64) or "")
+    assert lean_decoder(dynamic.model, 64) is None
+    prompts = encode(dynamic, PROMPTS)
+    r = generate(dynamic, prompts, 1, SamplingConfig(temperature=0, max_new_tokens=12), seed=0)
+    assert completions(r) == hf_greedy(dynamic, prompts, 12)
+    mistral = random_policy("mistral", tiny.tokenizer)
+    window = mistral.model.config.sliding_window
+    assert unsupported_reason(mistral.model, window) is None
+    assert "sliding window" in (unsupported_reason(mistral.model, window + 1) or "")
+
+
+def test_draw_follows_weights_and_never_picks_zeros() -> None:
+    """Two-level inverse CDF over several blocks (and a padded last one): right frequencies."""
+    from rlino.rollout.sampler import DRAW_BLOCK, draw
+
+    vocab, rows = 2 * DRAW_BLOCK + 37, 40_000
+    weights = torch.rand(vocab, generator=torch.Generator().manual_seed(0)) ** 4
+    weights[::3] = 0.0  # e.g. masked by top-k / top-p
+    weights[-1] = 0.5  # a heavy token in the padded block
+    tokens = draw(weights.expand(rows, -1), torch.Generator().manual_seed(1))
+    again = draw(weights.expand(rows, -1), torch.Generator().manual_seed(1))
+    assert torch.equal(tokens, again)
+    assert (weights[tokens] > 0).all()
+    freq = torch.bincount(tokens, minlength=vocab).double() / rows
+    assert (freq - weights.double() / weights.sum()).abs().max() < 0.01

@@ -1,20 +1,23 @@
-"""The built-in rollout engine: batched sampling with a preallocated KV cache on the model's own forward.
+"""The built-in rollout engine: batched sampling with a preallocated KV cache and a lean decode step.
 
 Why not `model.generate`: for the small models rlino trains on CPU, per-step overhead dominates. HF's
 DynamicCache grows by `torch.cat` every step (a fresh multi-MB allocation per layer, and on CPU the
 kernel faults those pages in each time), the 4-D attention mask is rebuilt every step, and every
 token passes a chain of logits processors and stopping criteria. Here instead:
 
-- the cache is one slab per layer, allocated once at (rows, heads, prompt + max_new, head_dim); each
-  step writes one column in place and attention reads a view of the filled part;
-- the prompts are prefilled once, P rows, and their keys/values are broadcast into the G sample
-  rows of each prompt while being written (no repeated prefill, no extra copy);
-- the decode attention mask is one preallocated (rows, 1, 1, L) bool tensor sliced per step and
-  handed to the model as a ready-made 4-D mask, which transformers passes through untouched (sdpa
-  models with full attention in every layer; others get the 2-D mask and build their own);
-- sampling is a single fused path: temperature, optional top-k/top-p, then the exponential-race
-  trick `argmax(p / Exp(1))` with a seeded `torch.Generator`, which also yields the sampling
-  log-prob of each chosen token for free;
+- the cache is one slab per layer, allocated once at (rows, 2, heads, prompt + max_new, head_dim)
+  (keys and values side by side); each step writes one column in place and attention reads a view
+  of the filled part;
+- the prompts are prefilled once, P rows, through the model's own forward, and their keys/values
+  are broadcast into the G sample rows of each prompt while being written (no repeated prefill);
+- decode steps of Llama, Qwen2 and Mistral models run through `fast_decode.LeanDecoder`, the same
+  arithmetic as the model's forward (same logits, bit for bit on CPU in fp32) without its module
+  and mask machinery; other architectures step through the model's forward, with the decode mask
+  handed over ready-made as a sliced (rows, 1, 1, L) bool tensor where transformers allows it
+  (sdpa, full attention in every layer);
+- sampling is a single fused path: temperature, optional top-k/top-p, then a two-level inverse-CDF
+  draw with a seeded `torch.Generator` (two random numbers per row, not one per vocabulary entry),
+  and the sampling log-prob of each chosen token;
 - rows that hit EOS, a stop id or a stop string are dropped from the batch (cache, mask, positions)
   every few steps, so finished samples stop costing compute.
 """
@@ -103,16 +106,12 @@ class SlabCache(Cache):
 
 
 def sample_next(
-    logits: torch.Tensor,
-    config: SamplingConfig,
-    generator: torch.Generator,
-    noise: torch.Tensor,
+    logits: torch.Tensor, config: SamplingConfig, generator: torch.Generator
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Pick one token per row from (B, V) logits; return (tokens (B,), log-probs (B,)).
 
     The log-prob is under the distribution actually sampled from (temperature, top-k and top-p
     applied, renormalised). Greedy (temperature 0) reports the log-prob under the raw softmax.
-    `noise` is a reusable (>= B, V) float buffer for the exponential race.
     """
     z = logits.float()  # (B, V)
     if config.temperature == 0:
@@ -126,10 +125,43 @@ def sample_next(
     if config.top_p < 1.0:
         z = _top_p_filter(z, config.top_p)
     lse = z.logsumexp(dim=-1, keepdim=True)  # (B, 1)
-    probs = (z - lse).exp_()  # (B, V)
-    race = noise[: z.shape[0]].exponential_(generator=generator)  # (B, V) ~ Exp(1)
-    tokens = probs.div_(race).argmax(dim=-1)  # (B,) argmax p_i / E_i is a draw from p
+    tokens = draw(z.sub(lse).exp_(), generator)  # (B,)
     return tokens, (z.gather(1, tokens[:, None]) - lse).squeeze(1)
+
+
+DRAW_BLOCK = 256
+"""vocabulary block size of the two-level inverse-CDF draw"""
+
+
+def draw(probs: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """One token per row of (B, V) non-negative weights, with probability proportional to them.
+
+    Inverse CDF with two uniforms per row: first a block of `DRAW_BLOCK` tokens by the blocks'
+    masses, then a token inside it. Why not `torch.multinomial` or an exponential race
+    (`argmax p / Exp(1)`): both cost V random numbers per row, which for a 49k vocabulary take as
+    long as the lm_head matmul; here it is two per row. Why two levels: a float32 running sum over
+    the whole vocabulary absorbs tokens below its rounding step (~3e-8 of the total, lost mass up
+    to V times that); over 256-token blocks, and then within one block, the error stays about
+    1e-5 of the mass at most. Tokens of weight 0 (masked by top-k / top-p) are never drawn.
+    """
+    rows, vocab = probs.shape
+    pad = -vocab % DRAW_BLOCK
+    blocks = torch.nn.functional.pad(probs, (0, pad)).view(rows, -1, DRAW_BLOCK)  # (B, nb, blk)
+    uniform = torch.rand((rows, 2), generator=generator, device=probs.device, dtype=probs.dtype)
+    block = _inverse_cdf(blocks.sum(dim=-1), uniform[:, :1])  # (B, 1)
+    inner = blocks.gather(1, block[:, :, None].expand(-1, -1, DRAW_BLOCK)).squeeze(1)  # (B, blk)
+    return (block * DRAW_BLOCK + _inverse_cdf(inner, uniform[:, 1:])).squeeze(1)  # (B,)
+
+
+def _inverse_cdf(weights: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
+    """(B, 1) index of the first running sum of (B, n) `weights` above uniform (B, 1) x total.
+
+    The target is kept strictly below the total, so the index found always has a positive weight.
+    """
+    cdf = weights.cumsum(dim=-1)  # (B, n)
+    total = cdf[:, -1:]  # (B, 1)
+    target = torch.minimum(uniform * total, torch.nextafter(total, torch.zeros_like(total)))
+    return torch.searchsorted(cdf, target, right=True)  # (B, 1)
 
 
 def _top_p_filter(z: torch.Tensor, top_p: float) -> torch.Tensor:
@@ -258,13 +290,12 @@ def _decode_chunk(
     comp_mask = torch.zeros((rows_total, steps), dtype=torch.bool, device=device)
     logprobs = torch.zeros((rows_total, steps), dtype=torch.float32, device=device)
     finished = torch.zeros(rows_total, dtype=torch.bool, device=device)
-    noise = torch.empty_like(logits, dtype=torch.float32)
     rows = torch.arange(rows_total, device=device)  # original row of each active row
     done = torch.zeros(rows_total, dtype=torch.bool, device=device)
     sync_every = 1 if device.type == "cpu" or stopper is not None else COMPACT_EVERY
 
     for step in range(steps):
-        tokens, lp = sample_next(logits, config, generator, noise)  # (b,), (b,)
+        tokens, lp = sample_next(logits, config, generator)  # (b,), (b,)
         live = ~done
         completion[rows, step] = torch.where(live, tokens, pad_id)
         comp_mask[rows, step] = live
