@@ -7,6 +7,7 @@ User mistakes (`UserError`) become a one-line `error: ...` on stderr and exit co
 from __future__ import annotations
 
 import functools
+import os
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -14,6 +15,9 @@ from typing import Any
 import typer
 
 from rlino.errors import UserError
+
+# rlino draws its own progress bars; the per-file "Loading weights" bars of transformers are noise.
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 app = typer.Typer(
     name="rlino",

@@ -330,3 +330,15 @@ def test_draw_follows_weights_and_never_picks_zeros() -> None:
     assert (weights[tokens] > 0).all()
     freq = torch.bincount(tokens, minlength=vocab).double() / rows
     assert (freq - weights.double() / weights.sum()).abs().max() < 0.01
+
+
+def test_lm_head_in_blocks_matches_one_matmul(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Blocked lm_head (ragged last block) gives the logits of a single matmul."""
+    from rlino.rollout import fast_decode
+
+    monkeypatch.setattr(fast_decode, "LOGITS_CHUNK", 16)
+    gen = torch.Generator().manual_seed(0)
+    x, head = torch.randn(5, 24, generator=gen), torch.randn(90, 24, generator=gen)
+    logits = fast_decode.lm_head_logits(x, head)
+    assert logits.shape == (5, 90)
+    assert torch.allclose(logits, x @ head.t(), atol=1e-5, rtol=0)

@@ -151,6 +151,11 @@ def test_cli_pretrain_writes_a_plain_hf_model_dir(tmp_path: Path, task) -> None:
     assert settings["options"]["max_number"] == tiny.DEFAULT_TASK_OPTIONS["max_number"]
     texts = _load_and_sample(out, [task.prompt(ex, "r1") for ex in task.examples("test")[:2]])
     assert len(texts) == 2
+    again = tmp_path / "again"
+    result = _run("pretrain", "--out", str(again), "--steps", "3", "--batch-size", "8", "--quiet")
+    assert result.returncode == 0, result.stderr
+    weights = (out / "model.safetensors").read_bytes()
+    assert (again / "model.safetensors").read_bytes() == weights  # same seed, same weights
 
 
 @pytest.mark.slow
