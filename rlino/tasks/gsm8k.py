@@ -22,8 +22,7 @@ from rlino.verify.numbers import answers_equal, find_answer, format_number, gold
 DEFAULT_DATASET = "openai/gsm8k"
 ENV_VAR = "RLINO_GSM8K"
 _HOW_TO_FIX = (
-    "pass a local directory with train.jsonl/test.jsonl via --data DIR "
-    f"(or set {ENV_VAR}=DIR)"
+    f"pass a local directory with train.jsonl/test.jsonl via --data DIR (or set {ENV_VAR}=DIR)"
 )
 
 

@@ -40,11 +40,9 @@ R1_TEXT = (
     "Assistant: Let me solve this step by step.\n<think>"
 )
 
-PLAIN_TEXT = "Question: {question}\nLet's think step by step. At the end, write the final answer after \"####\".\nAnswer:"
+PLAIN_TEXT = 'Question: {question}\nLet\'s think step by step. At the end, write the final answer after "####".\nAnswer:'
 
-CHAT_TEXT = (
-    "{question}\nThink step by step, then give the final answer in <answer> </answer> tags."
-)
+CHAT_TEXT = "{question}\nThink step by step, then give the final answer in <answer> </answer> tags."
 
 _TEMPLATES: dict[str, Template] = {}
 
@@ -65,7 +63,9 @@ def get_template(name: str) -> Template:
     try:
         return _TEMPLATES[name]
     except KeyError:
-        raise UserError(f"unknown template {name!r}; known: {', '.join(sorted(_TEMPLATES))}") from None
+        raise UserError(
+            f"unknown template {name!r}; known: {', '.join(sorted(_TEMPLATES))}"
+        ) from None
 
 
 def template_names() -> list[str]:
