@@ -22,13 +22,15 @@ def gsm8k_dir() -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_random_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A randomly initialised ~100k-parameter Qwen2 with a real character-level fast tokenizer.
+    """A randomly initialised ~100k-parameter Llama with a real character-level fast tokenizer.
 
     Saved as a plain HF model directory, so loaders and samplers are exercised exactly as on disk.
+    (Not Qwen2: transformers 5 swaps the saved tokenizer of a `qwen2` model dir for its own
+    Qwen2Tokenizer, which drops this tokenizer's spaces.)
     """
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
     chars = sorted(
         set("0123456789+-*/=()<>[] ,.:\n?abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ#$'\"")
@@ -42,7 +44,7 @@ def tiny_random_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
         tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>"
     )
     torch.manual_seed(0)
-    config = Qwen2Config(
+    config = LlamaConfig(
         vocab_size=len(vocab),
         hidden_size=32,
         intermediate_size=64,
@@ -55,10 +57,15 @@ def tiny_random_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
         eos_token_id=vocab["<eos>"],
         bos_token_id=None,
     )
-    model = Qwen2ForCausalLM(config)
+    model = LlamaForCausalLM(config)
     out = tmp_path_factory.mktemp("tiny-random")
     model.save_pretrained(out)
     hf_tok.save_pretrained(out)
+    from transformers import AutoTokenizer
+
+    assert (
+        AutoTokenizer.from_pretrained(out).decode(hf_tok("1 + 2 = ab")["input_ids"]) == "1 + 2 = ab"
+    )
     return out
 
 

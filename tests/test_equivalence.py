@@ -1,6 +1,6 @@
 """Gradient equivalence: GRPO's on-policy gradient is F-ISFT's with GRPO's weights, on real rollouts.
 
-Fast tests use the random tiny Qwen2 with a toy user task (right when the completion contains an
+Fast tests use the random tiny Llama with a toy user task (right when the completion contains an
 "e", and sampling stops there), which gives a random model mixed verdicts and varied lengths; the slow ones use the built-in
 tiny Countdown base, in-process and through the CLI with --json.
 """

@@ -273,7 +273,7 @@ def test_lean_step_is_bitwise_the_model_forward(tiny: Policy) -> None:
     from rlino.rollout.fast_decode import lean_decoder
     from rlino.rollout.sampler import generate_builtin
 
-    assert lean_decoder(tiny.model, 64) is not None  # the tiny Qwen2 really takes the lean path
+    assert lean_decoder(tiny.model, 64) is not None  # the tiny Llama really takes the lean path
     prompts = encode(tiny, PROMPTS)
     configs = [
         SamplingConfig(temperature=0, max_new_tokens=24, stop_token_ids=(5, 9)),
