@@ -10,7 +10,6 @@ from rlino.errors import UserError
 
 def build_overrides(
     task: str | None,
-    method: str | None,
     model: str | None,
     data: str | None,
     iterations: int | None,
@@ -20,7 +19,6 @@ def build_overrides(
     """The command-line shortcuts as `key=value` overrides, applied before explicit `--set`s."""
     shortcuts = {
         "task.name": task,
-        "method.name": method,
         "model.path": model,
         "task.options.path": data,
         "iterations": iterations,
@@ -47,9 +45,9 @@ def run_train_command(
     quiet: bool,
 ) -> None:
     """Body of `rlino train` (see `rlino train --help`)."""
-    from rlino.config import load_config
+    from rlino.config import deep_merge, load_config, parse_override, preset_path, read_yaml
 
-    items = build_overrides(task, method, model, data, iterations, seed, overrides)
+    items = build_overrides(task, model, data, iterations, seed, overrides)
     if resume is not None:
         run_dir = Path(resume)
         if not (run_dir / "config.yaml").exists():
@@ -60,7 +58,14 @@ def run_train_command(
             )
         cfg = load_config(str(run_dir / "config.yaml"), items)
     else:
-        cfg = load_config(config, items)
+        # --method picks a method with its own defaults: a preset's method block (e.g. GRPO's beta)
+        # does not carry over to another method. Tune it with --set method.KEY=VALUE.
+        raw = read_yaml(preset_path(config)) if config else {}
+        if method is not None:
+            raw["method"] = {"name": method}
+        for item in items:
+            raw = deep_merge(raw, parse_override(item))
+        cfg = load_config(None, raw)
         run_dir = (
             Path(out) if out else Path("runs") / f"{cfg.task.name}-{cfg.method.name}-s{cfg.seed}"
         )
