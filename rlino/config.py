@@ -112,7 +112,7 @@ class TrainConfig:
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
-    iterations: int = 100
+    iterations: int = 200
     """Number of sample -> verify -> weigh -> update iterations."""
     seed: int = 0
     """Seed for prompt order, sampling and initialisation of anything random."""
