@@ -61,10 +61,11 @@ def grade_command(
     ),
 ) -> None:
     """Grade responses offline: JSONL in; out, the same records plus correct, reward, extracted."""
-    from rlino.grade import grade_stream, parse_options
+    from rlino.config import parse_task_options
+    from rlino.grade import grade_stream
     from rlino.tasks import get_task
 
-    grader = get_task(task, **parse_options(task_opt))
+    grader = get_task(task, **parse_task_options(task_opt))
     if file == "-":
         summary = grade_stream(grader, sys.stdin.buffer, sys.stdout.buffer, skip_bad)
     else:
@@ -109,16 +110,6 @@ def pretrain_command(
 
 
 # @@ eval @@
-def _parse_options(items: list[str]) -> dict[str, Any]:
-    """`key=value` task options; values read as YAML scalars (3, true, 1e-3 stay numbers)."""
-    from rlino.config import parse_override
-
-    options: dict[str, Any] = {}
-    for item in items:
-        options.update(parse_override(item))
-    return options
-
-
 @app.command("eval")
 @user_errors
 def eval_command(

@@ -54,14 +54,14 @@ def run_eval_command(
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
     from rich.table import Table
 
-    from rlino.cli import _parse_options
+    from rlino.config import parse_task_options
     from rlino.evaluate import evaluate
     from rlino.policy import load_policy
     from rlino.tasks import get_task, get_template
 
     if split not in ("train", "test"):
         raise UserError(f"--split must be train or test, got {split!r}")
-    options = _parse_options(task_opt)
+    options = parse_task_options(task_opt)
     if data is not None:
         options["path"] = data
     model, template, options = resolve_eval_target(model, task, template, options)

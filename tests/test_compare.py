@@ -33,16 +33,7 @@ from rlino.tasks import Example, Score, Task, register_task
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models gain nothing from 2 threads, and on a busy 2-core machine OpenMP's spinning
-    threads made these tests ~30x slower; restore the setting afterwards."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ---------------------------------------------------------------- statistics

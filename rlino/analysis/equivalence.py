@@ -477,14 +477,12 @@ def equivalence_command(
 
     from rich.console import Console
 
-    from rlino.config import ModelConfig, TaskConfig, TrainConfig, parse_override
+    from rlino.config import ModelConfig, TaskConfig, TrainConfig, parse_task_options
     from rlino.policy import load_policy
     from rlino.tasks import get_task
     from rlino.train import resolve_model_and_task
 
-    options: dict[str, Any] = {}
-    for item in task_opt:
-        options.update(parse_override(item))
+    options = parse_task_options(task_opt)
     config = TrainConfig(
         model=ModelConfig(path=model, gguf_file=gguf_file, device=device, dtype=dtype),
         task=TaskConfig(name=task, template=template, options=options),
