@@ -73,6 +73,8 @@ def run_demo(
     from rlino.train import resolve_model_and_task
 
     console = Console()
+    if not console.is_terminal:  # logs and pipes: wide enough for the table
+        console = Console(width=130)
     spec = spec_from_flags(load_spec(DEMO_SPEC), seeds=seeds, iterations=iterations)
     console.print(
         f"rlino demo: {len(spec.methods)} methods x {len(spec.seeds)} seeds on the tiny Countdown base -> {out}"

@@ -1,0 +1,75 @@
+"""`rlino eval` end to end: the shipped tiny base on Countdown, and SmolLM2 on GSM8K (slow)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+
+def rlino(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "rlino", *args],
+        capture_output=True,
+        text=True,
+        input=stdin,
+        timeout=600,
+    )
+
+
+def test_greedy_eval_json_and_saved_completions_regrade(tmp_path: Path) -> None:
+    saved = tmp_path / "completions.jsonl"
+    proc = rlino("eval", "--task", "countdown", "--limit", "12", "--json", "--save", str(saved))
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["n"] == 12 and 0.0 <= result["accuracy"] <= 1.0
+    assert {"mean_length_correct", "mean_length_wrong", "format_rate"} <= set(result)
+    records = [json.loads(line) for line in saved.read_text().splitlines()]
+    assert len(records) == 12 and all("response" in r and "numbers" in r for r in records)
+    graded = rlino("grade", "--task", "countdown", str(saved))
+    assert graded.returncode == 0, graded.stderr
+    regraded = [json.loads(line) for line in graded.stdout.splitlines()]
+    assert [r["correct"] for r in regraded] == [r["correct"] for r in records]
+    assert sum(r["correct"] for r in records) / 12 == pytest.approx(result["accuracy"])
+
+
+def test_sampled_eval_reports_pass_at_k() -> None:
+    proc = rlino(
+        "eval", "--task", "countdown", "--limit", "6", "--samples", "4", "--json", "--seed", "1"
+    )
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert {"pass@1", "pass@2", "pass@4", "mean@4"} <= set(result)
+    assert result["pass@1"] == pytest.approx(result["mean@4"])
+    assert result["pass@1"] <= result["pass@2"] <= result["pass@4"]
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--task", "nosuch"], "unknown task"),
+        (["--split", "dev"], "--split must be train or test"),
+        (["--model", "/no/such/dir", "--task", "gsm8k"], "could not load model"),
+        (["--template", "nosuch", "--limit", "1"], "unknown template"),
+    ],
+)
+def test_bad_eval_input_exits_2(args: list[str], message: str) -> None:
+    proc = rlino("eval", *args)
+    assert proc.returncode == 2
+    assert message in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+
+
+@pytest.mark.slow
+def test_smollm2_on_16_gsm8k_questions(smollm2_gguf: tuple[Path, str], gsm8k_dir: Path) -> None:
+    directory, name = smollm2_gguf
+    proc = rlino(
+        "eval", "--model", str(directory), "--gguf-file", name, "--task", "gsm8k",
+        "--data", str(gsm8k_dir), "--template", "chat", "--limit", "16",
+        "--max-new-tokens", "192", "--batch-size", "16", "--json",
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["n"] == 16 and 0.0 <= result["accuracy"] <= 1.0 and result["mean_length"] > 10
