@@ -16,7 +16,13 @@ def resolve_eval_target(
 ) -> tuple[str, str | None, dict[str, Any]]:
     """(model path, template, task options): the tiny base by default, with its recorded task settings."""
     from rlino import tiny
+    from rlino.config import looks_like_hub_id
+    from rlino.tasks import task_names
 
+    if task not in task_names():
+        raise UserError(f"unknown task {task!r}; known: {', '.join(task_names())}")
+    if model is not None and not looks_like_hub_id(model) and not Path(model).exists():
+        raise UserError(f"model {model!r} does not exist")
     if model is None:
         if task != "countdown":
             raise UserError(f"task {task!r} needs a model: pass --model DIR|ID")

@@ -167,12 +167,12 @@ class TrainConfig:
             if not ok:
                 raise UserError(message)
         path = self.model.path
-        if path is not None and not _looks_like_hub_id(path) and not Path(path).exists():
+        if path is not None and not looks_like_hub_id(path) and not Path(path).exists():
             raise UserError(f"model.path {self.model.path!r} does not exist")
         self.method.validate(group_size=r.samples_per_prompt)
 
 
-def _looks_like_hub_id(spec: str) -> bool:
+def looks_like_hub_id(spec: str) -> bool:
     """`org/name` with no local meaning: left for the loader to try on the hub."""
     return spec.count("/") == 1 and not spec.startswith((".", "/", "~")) and not Path(spec).exists()
 

@@ -34,7 +34,7 @@ from rlino.methods import Method, MethodParams, resolve
 from rlino.policy import Policy, load_policy, save_policy, token_logprobs_and_entropy
 from rlino.rollout import Rollouts, SamplingConfig, generate
 from rlino.runlog import MetricsLog
-from rlino.tasks import Example, Task, get_task, get_template
+from rlino.tasks import Example, Task, get_task, get_template, task_names
 
 # ---------------------------------------------------------------- setup
 
@@ -64,6 +64,8 @@ def resolve_model_and_task(
     """
     from rlino import tiny
 
+    if config.task.name not in task_names():
+        raise UserError(f"unknown task {config.task.name!r}; known: {', '.join(task_names())}")
     path = config.model.path
     if path is None:
         if config.task.name != "countdown":
@@ -414,7 +416,6 @@ def train(
 ) -> TrainResult:
     """Run (or resume) training into `run_dir`. `stop_after` ends this invocation early, as Ctrl-C would."""
     config.validate()
-    run_dir.mkdir(parents=True, exist_ok=True)
     ckpt = checkpoint.latest(run_dir) if resume else None
     if not resume and (run_dir / "metrics.jsonl").exists():
         raise UserError(f"{run_dir} already holds a run; use --resume {run_dir} or another --out")
@@ -423,6 +424,7 @@ def train(
     torch.manual_seed(config.seed)
 
     setup = build(config, weights=ckpt / "model" if ckpt is not None else None)
+    run_dir.mkdir(parents=True, exist_ok=True)  # only once the model and task loaded
     save_config(config, run_dir / "config.yaml")
     model = setup.policy.model
     optimizer = torch.optim.AdamW(

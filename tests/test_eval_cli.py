@@ -52,7 +52,7 @@ def test_sampled_eval_reports_pass_at_k() -> None:
     [
         (["--task", "nosuch"], "unknown task"),
         (["--split", "dev"], "--split must be train or test"),
-        (["--model", "/no/such/dir", "--task", "gsm8k"], "could not load model"),
+        (["--model", "/no/such/dir", "--task", "gsm8k"], "does not exist"),
         (["--template", "nosuch", "--limit", "1"], "unknown template"),
     ],
 )
