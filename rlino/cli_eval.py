@@ -15,23 +15,17 @@ def resolve_eval_target(
     model: str | None, task: str, template: str | None, options: dict[str, Any]
 ) -> tuple[str, str | None, dict[str, Any]]:
     """(model path, template, task options): the tiny base by default, with its recorded task settings."""
-    from rlino import tiny
-    from rlino.config import looks_like_hub_id
-    from rlino.tasks import task_names
+    from rlino.config import ModelConfig, TaskConfig, TrainConfig, looks_like_hub_id
+    from rlino.train import resolve_model_and_task
 
-    if task not in task_names():
-        raise UserError(f"unknown task {task!r}; known: {', '.join(task_names())}")
     if model is not None and not looks_like_hub_id(model) and not Path(model).exists():
         raise UserError(f"model {model!r} does not exist")
-    if model is None:
-        if task != "countdown":
-            raise UserError(f"task {task!r} needs a model: pass --model DIR|ID")
-        model = str(tiny.default_model_dir())
-    recorded = tiny.task_settings(Path(model)) if Path(model).is_dir() else None
-    if recorded and recorded.get("task") == task:
-        options = {**recorded.get("options", {}), **options}
-        template = template or recorded.get("template")
-    return model, template, options
+    config = TrainConfig(
+        model=ModelConfig(path=model),
+        task=TaskConfig(name=task, template=template, options=options),
+    )
+    path, _, options, template = resolve_model_and_task(config)
+    return path, template, options
 
 
 def run_eval_command(
