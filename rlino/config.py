@@ -87,7 +87,11 @@ class OptimConfig:
     minibatch_size: int = 64
     """Samples per optimiser step; a rollout batch of P*G samples gives ceil(P*G / this) steps."""
     micro_batch_size: int = 64
-    """Samples per forward/backward pass (gradient accumulation inside a minibatch)."""
+    """Max samples per forward/backward pass (gradient accumulation inside a minibatch)."""
+    micro_batch_tokens: int = 8192
+    """Max padded tokens (rows x width) per forward/backward pass, the memory knob; 0 = no cap."""
+    gradient_checkpointing: bool = False
+    """Recompute each layer's activations in the backward pass: less memory, about 1/3 more compute."""
 
 
 @dataclass
@@ -147,6 +151,7 @@ class TrainConfig:
             (o.grad_clip >= 0, "optim.grad_clip must be >= 0"),
             (o.minibatch_size >= 1, "optim.minibatch_size must be >= 1"),
             (o.micro_batch_size >= 1, "optim.micro_batch_size must be >= 1"),
+            (o.micro_batch_tokens >= 0, "optim.micro_batch_tokens must be >= 0 (0 = no cap)"),
             (e.every >= 0, "eval.every must be >= 0"),
             (e.num_examples >= 1, "eval.num_examples must be >= 1"),
             (e.batch_size >= 1, "eval.batch_size must be >= 1"),

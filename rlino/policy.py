@@ -139,6 +139,21 @@ def load_policy(
     )
 
 
+def set_activation_checkpointing(model: torch.nn.Module, enabled: bool) -> None:
+    """Turn HF activation (gradient) checkpointing on or off; it only acts in train mode.
+
+    transformers 5.x renamed `gradient_checkpointing_enable` to `activation_checkpointing_enable`;
+    use whichever this version has. Non-reentrant checkpointing, so inputs need no requires_grad.
+    """
+    if enabled:
+        enable = getattr(model, "activation_checkpointing_enable", None)
+        enable = enable or model.gradient_checkpointing_enable
+        enable({"use_reentrant": False})
+    else:
+        disable = getattr(model, "activation_checkpointing_disable", None)
+        (disable or model.gradient_checkpointing_disable)()
+
+
 def save_policy(policy: Policy, out_dir: Path) -> None:
     """Save model (safetensors) and tokenizer to `out_dir` as a plain HF directory.
 

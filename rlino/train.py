@@ -31,7 +31,13 @@ from rlino.errors import UserError
 from rlino.evaluate import EvalReport, evaluate
 from rlino.losses import micro_batch_share, policy_loss
 from rlino.methods import Method, MethodParams, resolve
-from rlino.policy import Policy, load_policy, save_policy, token_logprobs_and_entropy
+from rlino.policy import (
+    Policy,
+    load_policy,
+    save_policy,
+    set_activation_checkpointing,
+    token_logprobs_and_entropy,
+)
 from rlino.rollout import Rollouts, SamplingConfig, generate
 from rlino.runlog import MetricsLog
 from rlino.tasks import Example, Task, get_task, get_template, task_names
@@ -99,6 +105,9 @@ def build(config: TrainConfig, weights: Path | None = None) -> Setup:
         policy = load_policy(
             path, gguf_file=gguf_file, device=config.model.device, dtype=config.model.dtype
         )
+    if config.optim.gradient_checkpointing:
+        # Only active in train mode (the update); sampling and evaluation run in eval mode.
+        set_activation_checkpointing(policy.model, True)
     reference = None
     if method.uses_kl and params.beta > 0:
         reference = load_policy(
@@ -197,6 +206,35 @@ def _micro_slices(rows: torch.Tensor, size: int) -> Iterator[torch.Tensor]:
         yield rows[start : start + size]
 
 
+def _token_slices(
+    rows: torch.Tensor, attn: torch.Tensor, start: int, max_rows: int, max_tokens: int
+) -> Iterator[torch.Tensor]:
+    """Consecutive slices of `rows` of at most `max_rows` rows whose padded size fits `max_tokens`.
+
+    A slice's padded size is what `_batch_logprobs` runs: rows x (longest prompt + longest
+    completion among them). A single row always forms a slice, however long. `max_tokens` 0 = no cap.
+    Why a token budget: activation memory grows with tokens, not samples; with 128-token completions
+    a 135M model keeps about 1.7 MB per token (fp32), so 32 samples at once need ~9 GB.
+    """
+    prompt_lens = attn[rows, :start].sum(dim=1).tolist()
+    completion_lens = attn[rows, start:].sum(dim=1).tolist()
+    first, prompt_max, completion_max = 0, 0, 0
+    for i, (prompt_len, completion_len) in enumerate(
+        zip(prompt_lens, completion_lens, strict=True)
+    ):
+        count = i - first + 1
+        width = max(prompt_max, prompt_len) + max(completion_max, completion_len)
+        if count > 1 and (count > max_rows or (max_tokens and count * width > max_tokens)):
+            yield rows[first:i]
+            first, prompt_max, completion_max = i, 0, 0
+        prompt_max, completion_max = (
+            max(prompt_max, prompt_len),
+            max(completion_max, completion_len),
+        )
+    if prompt_lens:
+        yield rows[first:]
+
+
 def _batch_logprobs(
     model: torch.nn.Module, ids: torch.Tensor, attn: torch.Tensor, start: int, rows: torch.Tensor
 ) -> torch.Tensor:
@@ -232,10 +270,14 @@ def update(
     needs_old = method.surrogate == "clipped" and (params.mu > 1 or cfg.optim.minibatch_size < n)
     all_rows = torch.arange(n, device=device)
 
+    def micro_slices(rows: torch.Tensor) -> Iterator[torch.Tensor]:
+        optim = cfg.optim
+        return _token_slices(rows, attn, start, optim.micro_batch_size, optim.micro_batch_tokens)
+
     def frozen_logp(m: torch.nn.Module) -> torch.Tensor:
         out = torch.zeros(mask_full.shape, device=device)
         with torch.no_grad():
-            for rows in _micro_slices(all_rows, cfg.optim.micro_batch_size):
+            for rows in micro_slices(all_rows):
                 logp = _batch_logprobs(m, ids, attn, start, rows)
                 out[rows, : logp.shape[1]] = logp.float()
         return out
@@ -253,7 +295,7 @@ def update(
         for mb in _micro_slices(all_rows, cfg.optim.minibatch_size):
             optimizer.zero_grad(set_to_none=False)
             active = mb if needs_kl else mb[adv[mb] != 0]
-            for rows in _micro_slices(active, cfg.optim.micro_batch_size):
+            for rows in micro_slices(active):
                 logp = _batch_logprobs(model, ids, attn, start, rows)
                 width = logp.shape[1]
                 mask = mask_full[rows, :width]

@@ -288,6 +288,31 @@ def test_lean_step_is_bitwise_the_model_forward(tiny: Policy) -> None:
         assert torch.equal(lean.finished, slow.finished)
 
 
+@pytest.mark.skipif(
+    not torch.ops.mkldnn._is_mkldnn_bf16_supported(), reason="needs a CPU with bf16 oneDNN kernels"
+)
+def test_bf16_prepacked_weights_change_nothing(
+    tiny: Policy, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """bf16 on CPU: weights prepacked for oneDNN give the tokens and log-probs of plain matmuls."""
+    import copy
+
+    from rlino.rollout import fast_decode
+    from rlino.rollout.sampler import generate_builtin
+
+    model = copy.deepcopy(tiny.model).to(torch.bfloat16)
+    policy = Policy(model, tiny.tokenizer, torch.device("cpu"), torch.bfloat16, "tiny bf16")
+    decoder = fast_decode.lean_decoder(model, 64, rows=6)
+    assert decoder is not None and decoder.layers[0].qkv.packed is not None
+    prompts = encode(policy, PROMPTS)
+    config = SamplingConfig(temperature=1.0, max_new_tokens=24)
+    packed = generate_builtin(policy, prompts, 3, config, seed=3)
+    monkeypatch.setattr(fast_decode, "onednn_bf16", lambda weight: False)
+    plain = generate_builtin(policy, prompts, 3, config, seed=3)
+    assert torch.equal(packed.completion_ids, plain.completion_ids)
+    assert torch.equal(packed.logprobs, plain.logprobs)
+
+
 @pytest.mark.parametrize("kind", ["default", "llama3-rope", "mistral"])
 def test_lean_greedy_matches_hf_on_llama_family(tiny: Policy, kind: str) -> None:
     """Untied heads, GQA, an explicit head_dim and Llama-3 RoPE scaling: still HF's greedy tokens."""
@@ -330,6 +355,35 @@ def test_draw_follows_weights_and_never_picks_zeros() -> None:
     assert (weights[tokens] > 0).all()
     freq = torch.bincount(tokens, minlength=vocab).double() / rows
     assert (freq - weights.double() / weights.sum()).abs().max() < 0.01
+
+
+@pytest.mark.parametrize("chunk_blocks", [2, 8])  # several chunks / the whole vocabulary in one
+def test_streaming_softmax_draw_matches_the_softmax(
+    monkeypatch: pytest.MonkeyPatch, chunk_blocks: int
+) -> None:
+    """Chunked draw (ragged last block): softmax frequencies, exact log-probs, `draw`'s tokens."""
+    from rlino.rollout import sampler
+
+    monkeypatch.setattr(sampler, "SAMPLE_CHUNK", chunk_blocks * sampler.DRAW_BLOCK)
+    vocab, rows, temperature = 5 * sampler.DRAW_BLOCK + 37, 40_000, 0.7
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(vocab, generator=gen) * 3
+    logits[-1] = logits.max() + 1.0  # the likeliest token sits in the ragged last block
+    logits[7] = float("-inf")  # a banned token is never drawn
+    batch = logits.expand(rows, -1)
+    tokens, logprobs = sampler.sample_softmax(batch, temperature, torch.Generator().manual_seed(1))
+    again, _ = sampler.sample_softmax(batch, temperature, torch.Generator().manual_seed(1))
+    assert torch.equal(tokens, again)
+    expected = torch.softmax(logits.double() / temperature, dim=0)
+    assert not (tokens == 7).any()
+    freq = torch.bincount(tokens, minlength=vocab).double() / rows
+    assert (freq - expected).abs().max() < 0.01
+    assert torch.allclose(logprobs.double(), expected.log()[tokens], atol=1e-5, rtol=0)
+    # Same uniforms, same blocks: the tokens of the plain softmax-then-draw path.
+    plain = sampler.draw(
+        torch.softmax(batch / temperature, dim=1), torch.Generator().manual_seed(1)
+    )
+    assert (plain == tokens).double().mean() > 0.999
 
 
 def test_lm_head_in_blocks_matches_one_matmul(monkeypatch: pytest.MonkeyPatch) -> None:
