@@ -164,29 +164,13 @@ def smollm2_gguf() -> Path:
 
 
 def tiny49k_policy(dtype: str) -> Policy:
-    """A random 3.3M-parameter Qwen2 (hidden 64, 2 layers) with SmolLM2's 49k-token tokenizer."""
-    from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
+    """bench_step.py's case (a) model: a random 3.3M-parameter Qwen2 with SmolLM2's tokenizer."""
+    from bench_step import tiny49k_model  # the sibling script (benchmarks/ is on sys.path)
 
-    gguf = smollm2_gguf()
-    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    torch.manual_seed(0)
-    config = Qwen2Config(
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=256,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=1024,
-        tie_word_embeddings=True,
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        bos_token_id=tokenizer.bos_token_id,
-    )
+    model, tokenizer = tiny49k_model()
+    tokenizer.padding_side = "left"
     torch_dtype = torch.bfloat16 if dtype == "bf16" else torch.float32
-    model = Qwen2ForCausalLM(config).to(torch_dtype).eval()
+    model = model.to(torch_dtype).eval()
     return Policy(model, tokenizer, torch.device("cpu"), torch_dtype, "random Qwen2 h64, 49k vocab")
 
 

@@ -84,7 +84,7 @@ class Case:
 
 CASES = {
     "tiny": Case("tiny", "random Qwen2 h64 x2 layers, 49k vocab", 8, 8, 128, 5.0, None, 0),
-    "smollm2": Case("smollm2", "SmolLM2-135M (GGUF de-quantised)", 4, 8, 128, 3.0, 0.3, 1024),
+    "smollm2": Case("smollm2", "SmolLM2-135M (GGUF de-quantised)", 4, 8, 128, 3.0, 0.3, 512),
 }
 
 
@@ -127,7 +127,6 @@ def set_threads(threads: int) -> None:
 
 def prepare_model(case: str, out_dir: Path) -> None:
     """Write the case's model as a plain HF directory (safetensors + tokenizer) to `out_dir`."""
-    import torch
 
     from rlino.policy import load_policy, save_policy
 
@@ -136,9 +135,17 @@ def prepare_model(case: str, out_dir: Path) -> None:
         policy = load_policy(str(gguf_dir), gguf_file=GGUF_NAME, device="cpu", dtype="fp32")
         save_policy(policy, out_dir)
         return
+    model, tokenizer = tiny49k_model()
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+
+
+def tiny49k_model() -> tuple[Any, Any]:
+    """Case (a)'s model: a random Qwen2 (hidden 64, 2 layers, seed 0) and SmolLM2's 49k tokenizer."""
+    import torch
     from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
 
-    tokenizer = AutoTokenizer.from_pretrained(str(gguf_dir), gguf_file=GGUF_NAME)
+    tokenizer = AutoTokenizer.from_pretrained(str(smollm2_dir()), gguf_file=GGUF_NAME)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     torch.manual_seed(0)
@@ -155,8 +162,7 @@ def prepare_model(case: str, out_dir: Path) -> None:
         eos_token_id=tokenizer.eos_token_id,
         bos_token_id=tokenizer.bos_token_id,
     )
-    Qwen2ForCausalLM(config).save_pretrained(out_dir)
-    tokenizer.save_pretrained(out_dir)
+    return Qwen2ForCausalLM(config), tokenizer
 
 
 # ---------------------------------------------------------------- rlino child
