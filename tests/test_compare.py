@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from toy_tasks import letter_task
 
 from rlino.analysis.compare import (
     CompareSpec,
@@ -28,7 +29,6 @@ from rlino.analysis.report import (
     write_report,
 )
 from rlino.errors import UserError
-from rlino.tasks import Example, Score, Task, register_task
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -189,25 +189,8 @@ def test_shipped_compare_presets_load(name: str) -> None:
 # ---------------------------------------------------------------- end to end
 
 
-@register_task("analysis-compare-e")
-class ContainsE(Task):
-    """Right when the completion contains an "e" (sampling stops there): signal for a random model."""
-
-    name = "analysis-compare-e"
-    default_template = "plain"
-
-    def examples(self, split: str) -> list[Example]:
-        return [{"q": f"say something {i}"} for i in range(32 if split == "train" else 4)]
-
-    def question(self, example: Example) -> str:
-        return example["q"]
-
-    def score(self, completion: str, example: Example) -> Score:
-        hit = "e" in completion
-        return Score(correct=hit, reward=float(hit), extracted=None, format_ok=True)
-
-    def stop_strings(self, template: str | None = None) -> tuple[str, ...]:
-        return ("e",)
+# Right when the completion contains an "e" (sampling stops there): signal for a random model.
+letter_task("analysis-compare-e", "e", train=32, test=4, stop_at_letter=True)
 
 
 def _tiny_spec(model_dir: Path) -> CompareSpec:

@@ -14,33 +14,17 @@ import sys
 from pathlib import Path
 
 import pytest
+from toy_tasks import letter_task
 
 from rlino.analysis.equivalence import draw_batch, gradient_equivalence
 from rlino.errors import UserError
-from rlino.tasks import Example, Score, Task, get_task, register_task
+from rlino.tasks import Example, Score, get_task, register_task
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@register_task("analysis-contains-e")
-class ContainsE(Task):
-    """Right when the completion contains the letter e."""
-
-    name = "analysis-contains-e"
-    default_template = "plain"
-
-    def examples(self, split: str) -> list[Example]:
-        return [{"q": f"say something {i}"} for i in range(32)]
-
-    def question(self, example: Example) -> str:
-        return example["q"]
-
-    def score(self, completion: str, example: Example) -> Score:
-        hit = "e" in completion
-        return Score(correct=hit, reward=float(hit), extracted=None, format_ok=True)
-
-    def stop_strings(self, template: str | None = None) -> tuple[str, ...]:
-        return ("e",)  # right answers stop at their first "e": lengths vary
+# Right when the completion contains an "e"; right answers stop at their first "e": lengths vary.
+ContainsE = letter_task("analysis-contains-e", "e", train=32, test=32, stop_at_letter=True)
 
 
 @register_task("analysis-never")

@@ -16,29 +16,14 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from toy_tasks import letter_task
 
 from rlino.config import load_config
 from rlino.errors import UserError
-from rlino.tasks import Example, Score, Task, register_task
 from rlino.train import prompt_order, train
 
-
-@register_task("contains-a")
-class ContainsA(Task):
-    """A toy user task: any completion with an "a" in it is right."""
-
-    name = "contains-a"
-    default_template = "plain"
-
-    def examples(self, split: str) -> list[Example]:
-        return [{"q": f"item {i}"} for i in range(64 if split == "train" else 8)]
-
-    def question(self, example: Example) -> str:
-        return example["q"]
-
-    def score(self, completion: str, example: Example) -> Score:
-        hit = "a" in completion
-        return Score(correct=hit, reward=float(hit), extracted=None, format_ok=True)
+# A toy user task: any completion with an "a" in it is right.
+letter_task("contains-a", "a", train=64, test=8, question="item")
 
 
 def tiny_config(model_dir: Path, method_name: str = "grpo", **extra: object) -> object:
