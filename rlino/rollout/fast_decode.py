@@ -139,10 +139,7 @@ class LeanDecoder:
         self.eps = body.norm.variance_epsilon
         self.embed = body.embed_tokens.weight  # (V, H)
         self.final_norm = body.norm.weight  # (H,)
-        self.lm_head = model.lm_head.weight  # (V, H), the embedding itself when tied
-        self.lm_head_packed = (
-            _Linear(self.lm_head, None, rows) if onednn_bf16(self.lm_head) else None
-        )
+        self.lm_head = _Linear(model.lm_head.weight, None, rows)  # (V, H), tied: the embedding
         self.layers = [self._fuse(layer, rows) for layer in body.layers]
         self.cos, self.sin = self._rope_tables(body.rotary_emb, max_len, self.embed.dtype)
 
@@ -229,9 +226,9 @@ class LeanDecoder:
             gate, up = layer.gate_up(x).chunk(2, dim=-1)  # (b, I) each
             h = h + layer.down(F.silu(gate).mul_(up))  # (b, H)
         x = F.rms_norm(h, (width,), self.final_norm, self.eps)
-        if self.lm_head_packed is not None:
-            return self.lm_head_packed(x)  # (b, V)
-        return lm_head_logits(x, self.lm_head)  # (b, V)
+        if self.lm_head.packed is not None:
+            return self.lm_head(x)  # (b, V)
+        return lm_head_logits(x, self.lm_head.weight)  # (b, V)
 
 
 def lm_head_logits(x: torch.Tensor, lm_head: torch.Tensor) -> torch.Tensor:

@@ -174,7 +174,7 @@ def sample_softmax(
     """
     rows, vocab = logits.shape
     inv_t = 1.0 / temperature
-    chunk_max, masses, blocks_per_chunk = [], [], []
+    chunk_max, masses = [], []
     for start in range(0, vocab, SAMPLE_CHUNK):
         z = logits[:, start : start + SAMPLE_CHUNK].float()  # (B, C)
         if inv_t != 1.0:
@@ -186,17 +186,15 @@ def sample_softmax(
             weights = torch.nn.functional.pad(weights, (0, pad))
         masses.append(weights.view(rows, -1, DRAW_BLOCK).sum(dim=-1))  # (B, C / blk)
         chunk_max.append(peak)
-        blocks_per_chunk.append(masses[-1].shape[1])
     if len(masses) == 1:
         top, block_mass = chunk_max[0], masses[0]  # (B, 1), (B, blocks)
     else:
         peaks = torch.cat(chunk_max, dim=1)  # (B, chunks)
         top = peaks.amax(dim=1, keepdim=True)  # (B, 1)
-        owner = torch.repeat_interleave(
-            torch.arange(len(masses), device=logits.device),
-            torch.tensor(blocks_per_chunk, device=logits.device),
-        )  # (blocks,) chunk of each block
-        block_mass = torch.cat(masses, dim=1) * (peaks - top).exp_()[:, owner]  # (B, blocks)
+        block_mass = torch.cat(masses, dim=1)  # (B, blocks)
+        blocks = torch.arange(block_mass.shape[1], device=logits.device)
+        owner = blocks // (SAMPLE_CHUNK // DRAW_BLOCK)  # (blocks,) chunk of each block
+        block_mass *= (peaks - top).exp_()[:, owner]
     uniform = torch.rand((rows, 2), generator=generator, device=logits.device)
     block = _inverse_cdf(block_mass, uniform[:, :1])  # (B, 1)
     columns = block * DRAW_BLOCK + torch.arange(DRAW_BLOCK, device=logits.device)  # (B, blk)
