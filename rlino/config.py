@@ -33,7 +33,9 @@ class ModelConfig:
     gguf_file: str | None = None
     """GGUF file name inside `path`, when `path` is a directory of GGUF files."""
     dtype: str = "auto"
-    """auto (bf16 on GPU, fp32 on CPU), fp32, bf16 or fp16."""
+    """Compute dtype: auto (bf16 on GPU, fp32 on CPU), fp32, bf16 or fp16."""
+    master_dtype: str = "fp32"
+    """Trained weights and optimizer state: fp32 (mixed precision under a bf16/fp16 dtype) or same."""
     device: str = "auto"
     """auto (cuda when available), cpu or cuda."""
 
@@ -161,6 +163,10 @@ class TrainConfig:
             (
                 self.model.dtype in ("auto", "fp32", "bf16", "fp16"),
                 "model.dtype must be auto, fp32, bf16 or fp16",
+            ),
+            (
+                self.model.master_dtype in ("fp32", "same"),
+                "model.master_dtype must be fp32 or same",
             ),
             (
                 self.model.device in ("auto", "cpu", "cuda")

@@ -6,6 +6,10 @@ place (d logp / d logits = onehot(target) - softmax), so memory stays at one chu
 no autograd graph through the vocabulary is ever stored. For a 49k vocabulary on CPU this is
 several times faster than autograd through a checkpointed log-softmax, which allocates and faults
 in a handful of (chunk, vocab) buffers per chunk.
+
+Under `torch.autocast` the matmuls of both passes run in the autocast dtype (a custom autograd
+function's backward would otherwise run in fp32); the softmax arithmetic stays fp32 and the
+weight's gradient is accumulated in fp32.
 """
 
 from __future__ import annotations
@@ -16,6 +20,8 @@ import torch
 
 CHUNK = 128
 """Rows per chunk: 128 x 49k fp32 logits is 25 MB, small enough for the allocator to reuse."""
+WEIGHT_GRAD_ROWS = 512
+"""Rows per weight-gradient matmul in the backward (their d logp / d logits: 512 x 49k x 4 B = 100 MB)."""
 
 
 class _SelectiveLogSoftmax(torch.autograd.Function):
@@ -24,6 +30,11 @@ class _SelectiveLogSoftmax(torch.autograd.Function):
         ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int
     ) -> torch.Tensor:
         n = hidden.shape[0]
+        ctx.hidden_dtype, ctx.weight_dtype = hidden.dtype, weight.dtype
+        device = hidden.device.type
+        if torch.is_autocast_enabled(device):
+            compute = torch.get_autocast_dtype(device)
+            hidden, weight = hidden.to(compute), weight.to(compute)
         logp = torch.empty(n, dtype=torch.float32, device=hidden.device)  # (M,)
         lse = torch.empty(n, dtype=torch.float32, device=hidden.device)  # (M,)
         for i in range(0, n, chunk):
@@ -42,28 +53,48 @@ class _SelectiveLogSoftmax(torch.autograd.Function):
     ) -> tuple[torch.Tensor | None, torch.Tensor | None, None, None]:
         hidden, weight, targets, lse = ctx.saved_tensors
         chunk = ctx.chunk
-        grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
+        grad_hidden = (
+            torch.empty(hidden.shape, dtype=ctx.hidden_dtype, device=hidden.device)
+            if ctx.needs_input_grad[0]
+            else None
+        )
+        n, low = hidden.shape[0], weight.element_size() < 4  # bf16/fp16 matmuls
         grad_weight = (
-            torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+            torch.zeros(
+                weight.shape,
+                dtype=torch.promote_types(weight.dtype, torch.float32),
+                device=weight.device,
+            )
             if ctx.needs_input_grad[1]
             else None
         )
-        for i in range(0, hidden.shape[0], chunk):
-            h = hidden[i : i + chunk]  # (c, D)
-            g = grad[i : i + chunk].float()  # (c,)
-            d = (h @ weight.T).float()  # (c, V) logits again
-            d.sub_(lse[i : i + chunk, None]).exp_().mul_(-g[:, None])  # -g * softmax
-            d[torch.arange(h.shape[0], device=d.device), targets[i : i + chunk]] += (
-                g  # + g * onehot
-            )
-            if grad_hidden is not None:
-                grad_hidden[i : i + chunk] = (d.to(weight.dtype) @ weight).to(
-                    hidden.dtype
-                )  # (c, D)
+        # d logp / d logits of a block of rows, kept (in the matmul dtype) until the block's weight
+        # gradient is one matmul: per-chunk products would each write a whole (V, D) tensor.
+        block_rows = min(n, max(chunk, WEIGHT_GRAD_ROWS)) if grad_weight is not None else chunk
+        dlogits = torch.empty(
+            (min(n, block_rows), weight.shape[0]), dtype=weight.dtype, device=weight.device
+        )
+        for block in range(0, n, block_rows):
+            stop = min(n, block + block_rows)
+            for i in range(block, stop, chunk):
+                j = min(stop, i + chunk)
+                g = grad[i:j].float()  # (c,)
+                d = (hidden[i:j] @ weight.T).float()  # (c, V) logits again
+                d.sub_(lse[i:j, None]).exp_().mul_(-g[:, None])  # -g * softmax
+                d[torch.arange(j - i, device=d.device), targets[i:j]] += g  # + g * onehot
+                dlogits[i - block : j - block] = d
+                if grad_hidden is not None:
+                    grad_hidden[i:j] = (dlogits[i - block : j - block] @ weight).to(
+                        ctx.hidden_dtype
+                    )  # (c, D)
             if grad_weight is not None:
-                grad_weight.addmm_(d.T, h.float())  # (V, D)
+                d, h = dlogits[: stop - block], hidden[block:stop]
+                if low:
+                    grad_weight += d.T @ h  # (V, D), summed in fp32
+                else:
+                    grad_weight.addmm_(d.T, h.to(d.dtype))  # (V, D)
         if grad_weight is not None:
-            grad_weight = grad_weight.to(weight.dtype)
+            grad_weight = grad_weight.to(ctx.weight_dtype)
         return grad_hidden, grad_weight, None, None
 
 

@@ -34,10 +34,13 @@ from rlino.methods import Method, MethodParams, resolve
 from rlino.policy import (
     Policy,
     load_policy,
+    resolve_device,
+    resolve_dtype,
     save_policy,
     set_activation_checkpointing,
     token_logprobs_and_entropy,
 )
+from rlino.precision import ComputeCopy, resolve_precision
 from rlino.rollout import Rollouts, SamplingConfig, generate
 from rlino.runlog import MetricsLog
 from rlino.tasks import Example, Task, get_task, get_template, task_names
@@ -51,6 +54,7 @@ class Setup:
 
     config: TrainConfig
     policy: Policy
+    """the trained model, its weights in the master dtype"""
     reference: Policy | None
     task: Task
     template: str
@@ -58,6 +62,13 @@ class Setup:
     params: MethodParams
     train_examples: list[Example]
     eval_examples: list[Example]
+    compute_copy: ComputeCopy | None = None
+    """the policy in the compute dtype, under mixed precision (None: `policy` computes itself)"""
+
+    @property
+    def compute_policy(self) -> Policy:
+        """The model that does the arithmetic: sampling, evaluation, the update's passes."""
+        return self.policy if self.compute_copy is None else self.compute_copy.policy
 
 
 def resolve_model_and_task(
@@ -99,15 +110,20 @@ def build(config: TrainConfig, weights: Path | None = None) -> Setup:
     method, params = resolve(config.method)
     if params.aggregation == "constant" and params.constant_length is None:
         params = dataclasses.replace(params, constant_length=config.rollout.max_new_tokens)
+    precision = resolve_precision(
+        resolve_dtype(config.model.dtype, resolve_device(config.model.device)),
+        config.model.master_dtype,
+    )
+    master = "fp32" if precision.mixed else config.model.dtype
     if weights is not None:
-        policy = load_policy(str(weights), device=config.model.device, dtype=config.model.dtype)
+        policy = load_policy(str(weights), device=config.model.device, dtype=master)
     else:
-        policy = load_policy(
-            path, gguf_file=gguf_file, device=config.model.device, dtype=config.model.dtype
-        )
+        policy = load_policy(path, gguf_file=gguf_file, device=config.model.device, dtype=master)
+    compute_copy = ComputeCopy(policy, precision.compute) if precision.mixed else None
     if config.optim.gradient_checkpointing:
         # Only active in train mode (the update); sampling and evaluation run in eval mode.
-        set_activation_checkpointing(policy.model, True)
+        compute_model = policy.model if compute_copy is None else compute_copy.policy.model
+        set_activation_checkpointing(compute_model, True)
     reference = None
     if method.uses_kl and params.beta > 0:
         reference = load_policy(
@@ -119,7 +135,16 @@ def build(config: TrainConfig, weights: Path | None = None) -> Setup:
     if not train_examples:
         raise UserError(f"task {config.task.name!r} has no training examples")
     return Setup(
-        config, policy, reference, task, template, method, params, train_examples, eval_examples
+        config,
+        policy,
+        reference,
+        task,
+        template,
+        method,
+        params,
+        train_examples,
+        eval_examples,
+        compute_copy,
     )
 
 
@@ -159,7 +184,8 @@ def sample_and_score(setup: Setup, iteration: int) -> tuple[Scored, list[Example
     p, g = cfg.rollout.prompts_per_iter, cfg.rollout.samples_per_prompt
     idx = prompt_order(len(setup.train_examples), cfg.seed, iteration, p)
     examples = [setup.train_examples[i] for i in idx]
-    prompt_ids = encode_prompts(setup.policy, setup.task, examples, setup.template)
+    sampler = setup.compute_policy
+    prompt_ids = encode_prompts(sampler, setup.task, examples, setup.template)
     sampling = SamplingConfig(
         temperature=cfg.rollout.temperature,
         top_p=cfg.rollout.top_p,
@@ -167,16 +193,16 @@ def sample_and_score(setup: Setup, iteration: int) -> tuple[Scored, list[Example
         max_new_tokens=cfg.rollout.max_new_tokens,
         stop_strings=setup.task.stop_strings(setup.template),
     )
-    setup.policy.model.eval()
+    sampler.model.eval()
     rollouts = generate(
-        setup.policy,
+        sampler,
         prompt_ids,
         g,
         sampling,
         seed=sampling_seed(cfg.seed, iteration),
         backend=cfg.rollout.backend,
     )
-    texts = rollouts.texts(setup.policy.tokenizer)
+    texts = rollouts.texts(sampler.tokenizer)
     scores = [
         setup.task.score(text, examples[int(i)])
         for text, i in zip(texts, rollouts.prompt_index, strict=True)
@@ -252,12 +278,17 @@ def update(
 ) -> dict[str, float]:
     """mu passes of minibatched, gradient-accumulated updates on one rollout batch.
 
+    Under mixed precision the compute copy runs every pass: its gradients are added into the fp32
+    master's after each micro-batch, and it takes the new master weights after each optimizer step.
+
     Samples whose weight is exactly 0 (filtered groups) add nothing to the policy gradient, so they
     are not run through the model unless a KL term needs them; they still count in the loss's
     normaliser, so the result equals the naive computation over every sample.
     """
     cfg, params, method = setup.config, setup.params, setup.method
-    model = setup.policy.model
+    master = setup.policy.model  # the weights the optimizer steps
+    model = setup.compute_policy.model  # the same weights in the compute dtype (or `master`)
+    compute_copy = setup.compute_copy
     device = setup.policy.device
     r = scored.rollouts
     ids = torch.cat([r.prompt_ids, r.completion_ids], dim=1).to(device)  # (N, Lp + Lc)
@@ -310,13 +341,17 @@ def update(
                 )
                 share = micro_batch_share(mask_full[rows], mask_full[mb], params.aggregation)
                 (loss * share).backward()
+                if compute_copy is not None:
+                    compute_copy.accumulate_grads()
                 for key, value in stats.items():
                     stat_totals[key] = stat_totals.get(key, 0.0) + float(value) * share
                 stat_weight += share
                 loss_total += float(loss.detach()) * share
             clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else math.inf
-            grad_norms.append(float(torch.nn.utils.clip_grad_norm_(model.parameters(), clip)))
+            grad_norms.append(float(torch.nn.utils.clip_grad_norm_(master.parameters(), clip)))
             optimizer.step()
+            if compute_copy is not None:
+                compute_copy.refresh()
             steps += 1
     # The loss is the minibatch loss (skipped rows add 0 to it); the other statistics (ratio,
     # clipping, KL) are means over the rows that were actually run through the model.
@@ -374,9 +409,9 @@ def eval_metrics(report: EvalReport) -> dict[str, Any]:
 def run_eval(setup: Setup) -> EvalReport:
     """Greedy pass@1 on the fixed test subset."""
     cfg = setup.config
-    setup.policy.model.eval()
+    setup.compute_policy.model.eval()
     return evaluate(
-        setup.policy,
+        setup.compute_policy,
         setup.task,
         setup.eval_examples,
         template=setup.template,

@@ -46,12 +46,25 @@ def test_summary_drops_warmup(bench: ModuleType) -> None:
     assert s["median_s"] == 2.0
     assert s["warmup_s"] == [9.0]
     assert s["reward_mean"] == 0.375
+    assert s["rollout_s"] is None  # TRL's rows have no rollout split
+    s = bench.summarise({**raw, "rollout_s": [5.0, 0.5, 1.0, 0.75]}, warmup=1)
+    assert s["rollout_s"] == [0.5, 1.0, 0.75]
 
 
 @pytest.mark.slow
-def test_rlino_only_quick_run(smollm2_gguf: tuple[Path, str], tmp_path: Path) -> None:
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_rlino_only_quick_run(smollm2_gguf: tuple[Path, str], tmp_path: Path, dtype: str) -> None:
     """The rlino child really trains the tiny case (short completions) and reports JSON last."""
-    cmd = [sys.executable, str(SCRIPT), "--quick", "--rlino-only", "--case", "tiny"]
+    cmd = [
+        sys.executable,
+        str(SCRIPT),
+        "--quick",
+        "--rlino-only",
+        "--case",
+        "tiny",
+        "--dtype",
+        dtype,
+    ]
     cmd += ["--new-tokens", "8", "--warmup", "0", "--threads", "1", "--work-dir", str(tmp_path)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, check=False)
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -60,7 +73,8 @@ def test_rlino_only_quick_run(smollm2_gguf: tuple[Path, str], tmp_path: Path) ->
     result = json.loads(lines[-1])
     (case,) = result["cases"]
     assert (case["name"], case["prompts"], case["samples"], case["new_tokens"]) == ("tiny", 8, 8, 8)
-    assert case["rlino"]["median_s"] > 0
+    assert case["rlino"]["median_s"] > case["rlino"]["rollout_s"][0] > 0
+    assert case["dtype"] == dtype
     assert case["rlino"]["peak_rss_gb"] > 0.1
     assert case["trl"] is None and case["speedup"] is None
     assert (tmp_path / "tiny" / "config.json").is_file()

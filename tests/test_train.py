@@ -95,11 +95,15 @@ def _comparable(path: Path) -> list[dict]:
     ]
 
 
-@pytest.mark.parametrize("method", ["grpo", "fisft+-"])
+@pytest.mark.parametrize(
+    ("method", "dtype"), [("grpo", "fp32"), ("fisft+-", "fp32"), ("grpo", "bf16")]
+)
 def test_resume_after_2_plus_2_equals_4_straight(
-    tiny_random_model_dir: Path, tmp_path: Path, method: str
+    tiny_random_model_dir: Path, tmp_path: Path, method: str, dtype: str
 ) -> None:
-    cfg = tiny_config(tiny_random_model_dir, method, checkpoint_every=0)
+    """Also under bf16 mixed precision: the checkpoint holds the fp32 master weights, and the
+    resumed run's bf16 compute copy is rebuilt from them."""
+    cfg = tiny_config(tiny_random_model_dir, method, checkpoint_every=0, model={"dtype": dtype})
     straight, split = tmp_path / "straight", tmp_path / "split"
     train(cfg, straight, progress=False)
     first = train(cfg, split, progress=False, stop_after=2)
