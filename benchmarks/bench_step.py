@@ -455,6 +455,8 @@ def print_table(results: list[dict[str, Any]]) -> None:
             if s is None:
                 continue
             times = ", ".join(f"{t:.2f}" for t in s["iter_s"])
+            if s.get("rollout_s"):
+                times += f" (sampling {statistics.median(s['rollout_s']):.2f})"
             print(
                 f"{r['name']:<8} {shape:<16} {name:<9} {s['median_s']:>13.2f} "
                 f"{s['peak_rss_gb']:>11.2f}  {times}"
