@@ -1,7 +1,7 @@
 """Resumable checkpoints, written so that a kill at any moment never leaves a half-written one.
 
 A checkpoint is a directory `checkpoints/iter_NNNNNN/` holding the model (HF format), the optimiser
-and scheduler states, torch's RNG state and `state.json` (the iteration; the data position and the
+and scheduler states (and the fp16 loss scaler's, when one is on), torch's RNG state and `state.json` (the iteration; the data position and the
 sampling seeds are functions of it). It is written under a temporary name and renamed into place
 only when complete, so `latest()` sees either the whole checkpoint or none of it.
 """
@@ -32,6 +32,7 @@ def save(
     optimizer: torch.optim.Optimizer,
     scheduler: Any,
     *,
+    scaler: torch.amp.GradScaler | None = None,
     keep: int = 2,
 ) -> Path:
     """Write a checkpoint for `iteration` atomically; keep the newest `keep` checkpoints.
@@ -47,6 +48,8 @@ def save(
     save_model(tmp / "model")
     torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
     torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+    if scaler is not None and scaler.is_enabled():
+        torch.save(scaler.state_dict(), tmp / "scaler.pt")
     torch.save({"torch": torch.get_rng_state()}, tmp / "rng.pt")
     (tmp / "state.json").write_text(json.dumps({"iteration": iteration}))
     _fsync_tree(tmp)
@@ -73,9 +76,16 @@ def latest(run_dir: Path) -> Path | None:
     return done[-1] if done else None
 
 
-def load_state(path: Path, optimizer: torch.optim.Optimizer, scheduler: Any) -> int:
-    """Restore optimiser, scheduler and RNG from checkpoint `path`; return its iteration."""
+def load_state(
+    path: Path,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    scaler: torch.amp.GradScaler | None = None,
+) -> int:
+    """Restore optimiser, scheduler, loss scaler and RNG from checkpoint `path`; return its iteration."""
     optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=False))
     scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=False))
+    if scaler is not None and (path / "scaler.pt").exists():
+        scaler.load_state_dict(torch.load(path / "scaler.pt", weights_only=False))
     torch.set_rng_state(torch.load(path / "rng.pt", weights_only=False)["torch"])
     return int(json.loads((path / "state.json").read_text())["iteration"])

@@ -64,6 +64,8 @@ class Setup:
     eval_examples: list[Example]
     compute_copy: ComputeCopy | None = None
     """the policy in the compute dtype, under mixed precision (None: `policy` computes itself)"""
+    scaler: torch.amp.GradScaler | None = None
+    """fp16 loss scaling (see rlino.precision); None or disabled = none"""
 
     @property
     def compute_policy(self) -> Policy:
@@ -145,6 +147,7 @@ def build(config: TrainConfig, weights: Path | None = None) -> Setup:
         train_examples,
         eval_examples,
         compute_copy,
+        precision.grad_scaler(policy.device),
     )
 
 
@@ -290,6 +293,7 @@ def update(
     model = setup.compute_policy.model  # the same weights in the compute dtype (or `master`)
     compute_copy = setup.compute_copy
     device = setup.policy.device
+    scaler = setup.scaler or torch.amp.GradScaler(device.type, enabled=False)
     r = scored.rollouts
     ids = torch.cat([r.prompt_ids, r.completion_ids], dim=1).to(device)  # (N, Lp + Lc)
     attn = torch.cat([r.prompt_mask, r.completion_mask], dim=1).to(device)  # (N, Lp + Lc)
@@ -320,7 +324,7 @@ def update(
 
     loss_total, stat_weight = 0.0, 0.0
     stat_totals: dict[str, float] = {}
-    steps = 0
+    steps = skipped = 0
     grad_norms = []
     for _ in range(params.mu):
         for mb in _micro_slices(all_rows, cfg.optim.minibatch_size):
@@ -340,16 +344,23 @@ def update(
                     ref_logp=None if ref_logp is None else ref_logp[rows, :width],
                 )
                 share = micro_batch_share(mask_full[rows], mask_full[mb], params.aggregation)
-                (loss * share).backward()
+                scaler.scale(loss * share).backward()
                 if compute_copy is not None:
                     compute_copy.accumulate_grads()
                 for key, value in stats.items():
                     stat_totals[key] = stat_totals.get(key, 0.0) + float(value) * share
                 stat_weight += share
                 loss_total += float(loss.detach()) * share
+            scaler.unscale_(optimizer)
             clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else math.inf
-            grad_norms.append(float(torch.nn.utils.clip_grad_norm_(master.parameters(), clip)))
-            optimizer.step()
+            norm = float(torch.nn.utils.clip_grad_norm_(master.parameters(), clip))
+            scale = scaler.get_scale()
+            scaler.step(optimizer)  # skipped if the scaled fp16 gradients overflowed
+            scaler.update()
+            if scaler.is_enabled() and scaler.get_scale() < scale:
+                skipped += 1
+            else:
+                grad_norms.append(norm)
             if compute_copy is not None:
                 compute_copy.refresh()
             steps += 1
@@ -357,8 +368,11 @@ def update(
     # clipping, KL) are means over the rows that were actually run through the model.
     out = {key: value / stat_weight for key, value in stat_totals.items()}
     out["loss"] = loss_total / steps
-    out["grad_norm"] = sum(grad_norms) / len(grad_norms)
+    out["grad_norm"] = sum(grad_norms) / len(grad_norms) if grad_norms else None
     out["optimizer_steps"] = steps
+    if scaler.is_enabled():
+        out["optim/skipped_steps"] = skipped  # overflowed fp16 gradients
+        out["optim/loss_scale"] = scaler.get_scale()
     return out
 
 
@@ -510,14 +524,21 @@ def train(
         weight_decay=config.optim.weight_decay,
     )
     scheduler = make_scheduler(optimizer, config)
-    start_iter = checkpoint.load_state(ckpt, optimizer, scheduler) if ckpt is not None else 0
+    start_iter = (
+        checkpoint.load_state(ckpt, optimizer, scheduler, setup.scaler) if ckpt is not None else 0
+    )
     log = MetricsLog(
         run_dir, tensorboard=config.tensorboard, resume_from=start_iter if resume else None
     )
 
     def save_checkpoint(iteration: int) -> None:
         checkpoint.save(
-            run_dir, iteration, lambda path: save_policy(setup.policy, path), optimizer, scheduler
+            run_dir,
+            iteration,
+            lambda path: save_policy(setup.policy, path),
+            optimizer,
+            scheduler,
+            scaler=setup.scaler,
         )
 
     start_eval = end_eval = None

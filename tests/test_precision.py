@@ -119,3 +119,31 @@ def test_bad_master_dtype_is_a_user_error(tiny_random_model_dir: Path, value: st
 
     with pytest.raises(UserError, match=r"model\.master_dtype must be fp32 or same"):
         tiny_config(tiny_random_model_dir, model={"master_dtype": value})
+
+
+def test_fp16_loss_scaling_skips_overflowing_steps(tiny_random_model_dir: Path) -> None:
+    """fp16 compute gets a loss scaler: a scale that makes the fp16 gradients overflow skips the
+    step (weights unchanged, scale halved); a sane scale steps the fp32 master weights."""
+    setup, scored, advantages = _setup_and_batch(tiny_random_model_dir, dtype="fp16")
+    assert setup.scaler is not None and setup.scaler.is_enabled()
+    assert not rt.build(dataclasses.replace(setup.config, model=dataclasses.replace(
+        setup.config.model, dtype="bf16"
+    ))).scaler.is_enabled()  # fmt: skip
+    master = setup.policy.model
+    optimizer = torch.optim.AdamW(master.parameters(), lr=1e-5, weight_decay=0.0)
+    before = [p.detach().clone() for p in master.parameters()]
+
+    setup.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**100)
+    stats = rt.update(setup, scored, advantages, optimizer)
+    assert stats["optim/skipped_steps"] == 1 and stats["grad_norm"] is None
+    assert stats["optim/loss_scale"] == 2.0**99
+    assert _changed_fraction(before, master) == 0
+
+    setup.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    stats = rt.update(setup, scored, advantages, optimizer)
+    assert stats["optim/skipped_steps"] == 0 and stats["grad_norm"] > 0
+    assert _changed_fraction(before, master) > 0.9
+    for cast, param in zip(
+        setup.compute_policy.model.parameters(), master.parameters(), strict=True
+    ):
+        assert cast.dtype == torch.float16 and torch.equal(cast, param.detach().half())

@@ -96,13 +96,14 @@ def _comparable(path: Path) -> list[dict]:
 
 
 @pytest.mark.parametrize(
-    ("method", "dtype"), [("grpo", "fp32"), ("fisft+-", "fp32"), ("grpo", "bf16")]
+    ("method", "dtype"),
+    [("grpo", "fp32"), ("fisft+-", "fp32"), ("grpo", "bf16"), ("grpo", "fp16")],
 )
 def test_resume_after_2_plus_2_equals_4_straight(
     tiny_random_model_dir: Path, tmp_path: Path, method: str, dtype: str
 ) -> None:
-    """Also under bf16 mixed precision: the checkpoint holds the fp32 master weights, and the
-    resumed run's bf16 compute copy is rebuilt from them."""
+    """Also under mixed precision: the checkpoint holds the fp32 master weights (the resumed run's
+    compute copy is rebuilt from them) and, for fp16, the loss scaler's state."""
     cfg = tiny_config(tiny_random_model_dir, method, checkpoint_every=0, model={"dtype": dtype})
     straight, split = tmp_path / "straight", tmp_path / "split"
     train(cfg, straight, progress=False)
@@ -114,6 +115,8 @@ def test_resume_after_2_plus_2_equals_4_straight(
     assert _comparable(straight / "metrics.jsonl") == _comparable(split / "metrics.jsonl")
     a, b = weights(straight), weights(split)
     assert all(torch.equal(a[k], b[k]) for k in a)
+    assert {v.dtype for v in a.values()} == {torch.float32}  # the master weights
+    assert bool(list((split / "checkpoints").glob("*/scaler.pt"))) == (dtype == "fp16")
 
 
 def test_half_written_checkpoint_is_ignored(tiny_random_model_dir: Path, tmp_path: Path) -> None:
