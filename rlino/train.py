@@ -276,6 +276,25 @@ def _batch_logprobs(
     return logp  # (n, right - start)
 
 
+def _optimizer_step(
+    setup: Setup, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler
+) -> float | None:
+    """Unscale, clip and step the master weights, then refresh the compute copy.
+
+    Returns the gradient norm before clipping, or None when fp16 loss scaling skipped the step
+    because the gradients overflowed.
+    """
+    scaler.unscale_(optimizer)
+    clip = setup.config.optim.grad_clip if setup.config.optim.grad_clip > 0 else math.inf
+    norm = float(torch.nn.utils.clip_grad_norm_(setup.policy.model.parameters(), clip))
+    scale = scaler.get_scale()
+    scaler.step(optimizer)  # a no-op if the gradients overflowed
+    scaler.update()
+    if setup.compute_copy is not None:
+        setup.compute_copy.refresh()
+    return None if scaler.is_enabled() and scaler.get_scale() < scale else norm
+
+
 def update(
     setup: Setup, scored: Scored, advantages: torch.Tensor, optimizer: torch.optim.Optimizer
 ) -> dict[str, float]:
@@ -289,8 +308,7 @@ def update(
     normaliser, so the result equals the naive computation over every sample.
     """
     cfg, params, method = setup.config, setup.params, setup.method
-    master = setup.policy.model  # the weights the optimizer steps
-    model = setup.compute_policy.model  # the same weights in the compute dtype (or `master`)
+    model = setup.compute_policy.model  # runs every pass: the policy, or its compute-dtype copy
     compute_copy = setup.compute_copy
     device = setup.policy.device
     scaler = setup.scaler or torch.amp.GradScaler(device.type, enabled=False)
@@ -351,18 +369,11 @@ def update(
                     stat_totals[key] = stat_totals.get(key, 0.0) + float(value) * share
                 stat_weight += share
                 loss_total += float(loss.detach()) * share
-            scaler.unscale_(optimizer)
-            clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else math.inf
-            norm = float(torch.nn.utils.clip_grad_norm_(master.parameters(), clip))
-            scale = scaler.get_scale()
-            scaler.step(optimizer)  # skipped if the scaled fp16 gradients overflowed
-            scaler.update()
-            if scaler.is_enabled() and scaler.get_scale() < scale:
+            norm = _optimizer_step(setup, optimizer, scaler)
+            if norm is None:
                 skipped += 1
             else:
                 grad_norms.append(norm)
-            if compute_copy is not None:
-                compute_copy.refresh()
             steps += 1
     # The loss is the minibatch loss (skipped rows add 0 to it); the other statistics (ratio,
     # clipping, KL) are means over the rows that were actually run through the model.
