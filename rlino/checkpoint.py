@@ -61,6 +61,18 @@ def save(
     return final
 
 
+def save_final(run_dir: Path, save_model: Any) -> Path:
+    """Write the finished run's model to `run_dir/final` (a plain HF directory), atomically."""
+    final = run_dir / "final"
+    tmp = run_dir / ".tmp-final"
+    shutil.rmtree(tmp, ignore_errors=True)
+    save_model(tmp)
+    if final.exists():
+        shutil.rmtree(final)
+    tmp.replace(final)
+    return final
+
+
 def _fsync_tree(path: Path) -> None:
     """Flush every file under `path` to disk before the rename makes the checkpoint visible."""
     for file in path.rglob("*"):

@@ -14,6 +14,19 @@ from typing import Any
 
 import typer
 
+from rlino.cli_options import (
+    data_option,
+    device_option,
+    dtype_option,
+    gguf_file_option,
+    json_option,
+    model_option,
+    quiet_option,
+    seed_option,
+    task_opt_option,
+    task_option,
+    template_option,
+)
 from rlino.errors import UserError
 
 # rlino draws its own progress bars; the per-file "Loading weights" bars of transformers are noise.
@@ -50,15 +63,11 @@ def grade_command(
     file: str = typer.Argument(
         ..., help="JSONL records with a `response` and the task's fields; - for stdin."
     ),
-    task: str = typer.Option(
-        ..., "--task", help="Task whose verifier grades: gsm8k, countdown, or a registered one."
-    ),
+    task: str = task_option(...),
     skip_bad: bool = typer.Option(
         False, "--skip-bad", help="Skip malformed lines (listed in the summary) instead of failing."
     ),
-    task_opt: list[str] = typer.Option(
-        [], "--task-opt", help="Task option key=value, e.g. format_reward=0.2 (repeatable)."
-    ),
+    task_opt: list[str] = task_opt_option(),
 ) -> None:
     """Grade responses offline: JSONL in; out, the same records plus correct, reward, extracted."""
     from rlino.config import parse_task_options
@@ -80,16 +89,14 @@ def grade_command(
 @user_errors
 def pretrain_command(
     out: str = typer.Option(..., "--out", help="Directory to write the HF model into."),
-    task: str = typer.Option("countdown", "--task", help="Task whose r1 prompts to train on."),
-    seed: int = typer.Option(0, "--seed", help="Seeds corpus, weights and batch order."),
+    task: str = task_option("countdown"),
+    seed: int = seed_option(0),
     steps: int = typer.Option(None, "--steps", help="Optimizer steps (default 1000)."),
     batch_size: int = typer.Option(None, "--batch-size", help="Sequences per step (default 32)."),
     lr: float = typer.Option(None, "--lr", help="Peak learning rate (default 5e-3)."),
     threads: int = typer.Option(None, "--threads", help="torch CPU threads (default 2)."),
-    task_opt: list[str] = typer.Option(
-        [], "--task-opt", help="Task option key=value over the tiny defaults, e.g. max_number=30."
-    ),
-    quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
+    task_opt: list[str] = task_opt_option(),
+    quiet: bool = quiet_option(),
 ) -> None:
     """Pretrain the built-in tiny base model from scratch on synthetic task traces (CPU, minutes)."""
     from rlino.config import parse_override
@@ -113,17 +120,9 @@ def pretrain_command(
 @app.command("eval")
 @user_errors
 def eval_command(
-    model: str = typer.Option(
-        None,
-        "--model",
-        help="HF model dir, hub id or .gguf file (default: the built-in tiny base).",
-    ),
-    gguf_file: str = typer.Option(
-        None, "--gguf-file", help="GGUF file name inside --model, when --model is a directory."
-    ),
-    task: str = typer.Option(
-        "countdown", "--task", help="Task name (countdown, gsm8k, or a registered one)."
-    ),
+    model: str = model_option(),
+    gguf_file: str = gguf_file_option(),
+    task: str = task_option("countdown"),
     split: str = typer.Option("test", "--split", help="Data split: train or test."),
     limit: int = typer.Option(None, "--limit", min=1, help="Evaluate only the first N examples."),
     samples: int = typer.Option(
@@ -135,30 +134,20 @@ def eval_command(
     max_new_tokens: int = typer.Option(
         None, "--max-new-tokens", min=1, help="Completion cap (default 128, 512 for gsm8k)."
     ),
-    template: str = typer.Option(
-        None,
-        "--template",
-        help="Prompt template: r1, plain, chat (default: the model's or task's).",
-    ),
-    data: str = typer.Option(
-        None, "--data", help="Task data: a local file/dir or an HF dataset id."
-    ),
-    task_opt: list[str] = typer.Option(
-        [], "--task-opt", help="Task option key=value (repeatable)."
-    ),
+    template: str = template_option(),
+    data: str = data_option(),
+    task_opt: list[str] = task_opt_option(),
     batch_size: int = typer.Option(64, "--batch-size", min=1, help="Prompts per sampling batch."),
     backend: str = typer.Option(
         "builtin", "--backend", help="Sampling engine: builtin, hf or vllm."
     ),
-    dtype: str = typer.Option("auto", "--dtype", help="auto, fp32, bf16 or fp16."),
-    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
-    seed: int = typer.Option(0, "--seed", help="Sampling seed."),
+    dtype: str = dtype_option("auto"),
+    device: str = device_option("auto"),
+    seed: int = seed_option(0),
     save: str = typer.Option(
         None, "--save", help="Write graded completions as JSONL (gradable by `rlino grade`)."
     ),
-    json_out: bool = typer.Option(
-        False, "--json", help="Print one JSON object as the last stdout line."
-    ),
+    json_out: bool = json_option(),
 ) -> None:
     """Evaluate a model on a task: greedy pass@1, or pass@k / mean@k with --samples K; lengths by correctness."""
     args = dict(locals())
@@ -174,21 +163,20 @@ def train_command(
     config: str = typer.Option(
         None, "--config", "-c", help="YAML preset: a path or a name in configs/."
     ),
-    task: str = typer.Option(None, "--task", help="Task name (shortcut for task.name=...)."),
+    task: str = task_option(),
     method: str = typer.Option(
         None, "--method", help="grpo, grpo-nokl, fisft+, fisft-, fisft+-, fisft-grpo, raft, ..."
     ),
-    model: str = typer.Option(
-        None,
-        "--model",
-        help="HF model dir, hub id or .gguf (default on countdown: the built-in tiny base).",
-    ),
-    data: str = typer.Option(
-        None, "--data", help="Task data: a local file/dir or an HF dataset id."
-    ),
+    model: str = model_option(),
+    gguf_file: str = gguf_file_option(),
+    data: str = data_option(),
+    task_opt: list[str] = task_opt_option(),
+    template: str = template_option(),
+    dtype: str = dtype_option(),
+    device: str = device_option(),
     out: str = typer.Option(None, "--out", help="Run directory (default runs/TASK-METHOD-sSEED)."),
     iterations: int = typer.Option(None, "--iterations", help="Number of iterations."),
-    seed: int = typer.Option(None, "--seed", help="Random seed."),
+    seed: int = seed_option(),
     overrides: list[str] = typer.Option(
         [], "--set", help="Config override key=value, e.g. optim.lr=1e-4 (repeatable)."
     ),
@@ -198,7 +186,7 @@ def train_command(
     stop_after: int = typer.Option(
         None, "--stop-after", hidden=True, help="Stop after N iterations this invocation."
     ),
-    quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
+    quiet: bool = quiet_option(),
 ) -> None:
     """Train a policy: sample -> verify -> weigh -> update -> evaluate -> checkpoint."""
     args = dict(locals())
@@ -218,37 +206,27 @@ app.add_typer(analyze_app, name="analyze")
 @analyze_app.command("equivalence")
 @user_errors
 def analyze_equivalence_command(
-    model: str = typer.Option(
-        None, "--model", help="HF model dir, hub id or .gguf (default: the built-in tiny base)."
-    ),
-    gguf_file: str = typer.Option(None, "--gguf-file", help="GGUF file name inside --model."),
-    task: str = typer.Option("countdown", "--task", help="Task name."),
-    task_opt: list[str] = typer.Option(
-        [], "--task-opt", help="Task option key=value (repeatable)."
-    ),
-    template: str = typer.Option(
-        None, "--template", help="Prompt template (default: the model's or task's)."
-    ),
+    model: str = model_option(),
+    gguf_file: str = gguf_file_option(),
+    task: str = task_option("countdown"),
+    task_opt: list[str] = task_opt_option(),
+    template: str = template_option(),
     prompts: int = typer.Option(8, "--prompts", min=1, help="P: prompts in the batch."),
     samples: int = typer.Option(8, "--samples", min=2, help="G: samples per prompt."),
-    seed: int = typer.Option(0, "--seed", help="Seed for prompts and sampling."),
+    seed: int = seed_option(0),
     max_new_tokens: int = typer.Option(128, "--max-new-tokens", min=1, help="Completion cap."),
     inner_steps: int = typer.Option(
         3, "--inner-steps", min=1, help="k: AdamW steps before the off-policy gradient."
     ),
     inner_lr: float = typer.Option(1e-5, "--inner-lr", help="Learning rate of those k steps."),
     beta: float = typer.Option(0.04, "--beta", help="KL coefficient of the KL rows."),
-    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
-    dtype: str = typer.Option(
-        "fp32", "--dtype", help="fp32 (default: exact comparisons), bf16, fp16 or auto."
-    ),
-    json_out: bool = typer.Option(
-        False, "--json", help="Print one JSON object as the last stdout line."
-    ),
+    device: str = device_option("auto"),
+    dtype: str = dtype_option("fp32"),  # fp32 by default: the comparisons are exact
+    json_out: bool = json_option(),
 ) -> None:
     """Gradient of GRPO vs F-ISFT (and variants) on one real rollout batch: cosine, relative difference."""
     options = dict(locals())
-    from rlino.analysis.equivalence import equivalence_command
+    from rlino.analysis.equivalence_cli import equivalence_command
 
     equivalence_command(**options)
 
@@ -257,14 +235,15 @@ def analyze_equivalence_command(
 @user_errors
 def analyze_lengths_command(
     run_dirs: list[str] = typer.Argument(
-        ..., help="Run directories, or a `rlino compare` directory."
+        ...,
+        help="Run directories, a comparison's runs/LABEL directories, or a `rlino compare` directory.",
     ),
     out: str = typer.Option(
-        None, "--out", help="Where the plots go (default: beside the runs, lengths/)."
+        None,
+        "--out",
+        help="Where the plots go (default: the comparison's lengths/, else lengths/ beside the run).",
     ),
-    json_out: bool = typer.Option(
-        False, "--json", help="Print one JSON object as the last stdout line."
-    ),
+    json_out: bool = json_option(),
 ) -> None:
     """Length dynamics: correct vs wrong lengths over time, distributions, per-token weight vs length."""
     options = dict(locals())
@@ -296,7 +275,7 @@ def compare_command(
     report_only_dir: str = typer.Option(
         None, "--report-only", help="Only rebuild report.md, summary.json and plots in DIR."
     ),
-    quiet: bool = typer.Option(False, "--quiet", help="No progress output."),
+    quiet: bool = quiet_option(),
 ) -> None:
     """Methods x seeds from one base model, same prompts per seed; resumable; report.md + plots."""
     options = dict(locals())
@@ -314,7 +293,7 @@ def demo_command(
         None, "--seeds", help="Seeds, e.g. 0,1,2 (default: configs/demo.yaml)."
     ),
     iterations: int = typer.Option(None, "--iterations", min=1, help="Iterations per run."),
-    quiet: bool = typer.Option(False, "--quiet", help="No progress bars."),
+    quiet: bool = quiet_option(),
 ) -> None:
     """The paper's comparison on the built-in tiny base: GRPO, GRPO w/o KL, F-ISFT+, F-ISFT-, F-ISFT+- x 3 seeds."""
     from pathlib import Path

@@ -11,23 +11,6 @@ from typing import Any
 from rlino.errors import UserError
 
 
-def resolve_eval_target(
-    model: str | None, task: str, template: str | None, options: dict[str, Any]
-) -> tuple[str, str | None, dict[str, Any]]:
-    """(model path, template, task options): the tiny base by default, with its recorded task settings."""
-    from rlino.config import ModelConfig, TaskConfig, TrainConfig, looks_like_hub_id
-    from rlino.train import resolve_model_and_task
-
-    if model is not None and not looks_like_hub_id(model) and not Path(model).exists():
-        raise UserError(f"model {model!r} does not exist")
-    config = TrainConfig(
-        model=ModelConfig(path=model),
-        task=TaskConfig(name=task, template=template, options=options),
-    )
-    path, _, options, template = resolve_model_and_task(config)
-    return path, template, options
-
-
 def run_eval_command(
     *,
     model: str | None,
@@ -52,11 +35,11 @@ def run_eval_command(
     """Body of `rlino eval` (see `rlino eval --help`)."""
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-    from rich.table import Table
 
     from rlino.config import parse_task_options
     from rlino.evaluate import evaluate
     from rlino.policy import load_policy
+    from rlino.resolve import resolve_target
     from rlino.tasks import get_task, get_template
 
     if split not in ("train", "test"):
@@ -64,9 +47,11 @@ def run_eval_command(
     options = parse_task_options(task_opt)
     if data is not None:
         options["path"] = data
-    model, template, options = resolve_eval_target(model, task, template, options)
-    task_obj = get_task(task, **options)
-    template = template or task_obj.default_template
+    target = resolve_target(
+        model, task, gguf_file=gguf_file, task_options=options, template=template
+    )
+    task_obj = get_task(task, **target.task_options)
+    template = target.template or task_obj.default_template
     get_template(template)
     examples = task_obj.examples(split)
     if limit is not None:
@@ -77,7 +62,7 @@ def run_eval_command(
         temperature = 0.0 if samples == 1 else 1.0
     if max_new_tokens is None:
         max_new_tokens = 512 if task == "gsm8k" else 128
-    policy = load_policy(model, gguf_file=gguf_file, device=device, dtype=dtype)
+    policy = load_policy(target.model_path, gguf_file=gguf_file, device=device, dtype=dtype)
     err = Console(stderr=True)
     with Progress(
         TextColumn(f"eval {task}/{split}"),
@@ -101,21 +86,33 @@ def run_eval_command(
             on_batch=lambda done: progress.update(bar, completed=done),
         )
     summary = {
-        "model": model,
+        "model": target.model_path,
         "task": task,
         "split": split,
         "template": template,
         **report.summary(),
     }
     if save:
-        path = Path(save)
-        tmp = path.with_name(path.name + ".tmp")
-        with tmp.open("w") as f:
-            for c in report.completions:
-                record = {**examples[c.index], **asdict(c)}
-                f.write(json.dumps(record) + "\n")
-        tmp.replace(path)
-    table = Table(title=f"{task} {split} ({report.n} examples, {samples} sample(s) each)")
+        save_completions(Path(save), report, examples)
+    title = f"{task} {split} ({report.n} examples, {samples} sample(s) each)"
+    print_summary(summary, title, json_out)
+
+
+def save_completions(path: Path, report: Any, examples: list[dict[str, Any]]) -> None:
+    """Graded completions as JSONL, each with its example's fields (gradable by `rlino grade`)."""
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("w") as f:
+        for c in report.completions:
+            f.write(json.dumps({**examples[c.index], **asdict(c)}) + "\n")
+    tmp.replace(path)
+
+
+def print_summary(summary: dict[str, Any], title: str, json_out: bool) -> None:
+    """The metrics as a table (on stderr when --json puts one JSON object on stdout)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title)
     table.add_column("metric")
     table.add_column("value", justify="right")
     for key, value in summary.items():

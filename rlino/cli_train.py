@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -15,18 +16,37 @@ def build_overrides(
     iterations: int | None,
     seed: int | None,
     overrides: list[str],
+    *,
+    gguf_file: str | None = None,
+    template: str | None = None,
+    dtype: str | None = None,
+    device: str | None = None,
+    task_opt: Sequence[str] = (),
 ) -> list[str]:
-    """The command-line shortcuts as `key=value` overrides, applied before explicit `--set`s."""
+    """The command-line shortcuts as `key=value` overrides, applied before explicit `--set`s.
+
+    Each shortcut sets the config key that means what `rlino eval`'s option of the same name
+    means (`--template` is `task.template`, `--dtype` is `model.dtype`); `--task-opt K=V` sets
+    `task.options.K`.
+    """
     shortcuts = {
         "task.name": task,
+        "task.template": template,
         "model.path": model,
+        "model.gguf_file": gguf_file,
+        "model.dtype": dtype,
+        "model.device": device,
         "task.options.path": data,
         "iterations": iterations,
         "seed": seed,
     }
-    return [f"{key}={value}" for key, value in shortcuts.items() if value is not None] + list(
-        overrides
-    )
+    items = [f"{key}={value}" for key, value in shortcuts.items() if value is not None]
+    for option in task_opt:
+        key, sep, value = option.partition("=")
+        if not sep or not key.strip():
+            raise UserError(f"--task-opt {option!r} is not of the form key=value")
+        items.append(f"task.options.{key.strip()}={value}")
+    return items + list(overrides)
 
 
 def run_train_command(
@@ -35,7 +55,12 @@ def run_train_command(
     task: str | None,
     method: str | None,
     model: str | None,
+    gguf_file: str | None,
     data: str | None,
+    task_opt: list[str],
+    template: str | None,
+    dtype: str | None,
+    device: str | None,
     out: str | None,
     iterations: int | None,
     seed: int | None,
@@ -47,12 +72,25 @@ def run_train_command(
     """Body of `rlino train` (see `rlino train --help`)."""
     from rlino.config import deep_merge, load_config, parse_override, preset_path, read_yaml
 
-    items = build_overrides(task, model, data, iterations, seed, overrides)
+    items = build_overrides(
+        task,
+        model,
+        data,
+        iterations,
+        seed,
+        overrides,
+        gguf_file=gguf_file,
+        template=template,
+        dtype=dtype,
+        device=device,
+        task_opt=task_opt,
+    )
     if resume is not None:
         run_dir = Path(resume)
         if not (run_dir / "config.yaml").exists():
             raise UserError(f"{run_dir} is not a run directory (no config.yaml)")
-        if config is not None or task or method or model or data:
+        run_settings = (task, method, model, gguf_file, data, task_opt, template, dtype, device)
+        if config is not None or any(run_settings):
             raise UserError(
                 "--resume takes the run's own config; only --iterations and --set may change it"
             )

@@ -19,6 +19,7 @@ import yaml
 
 from rlino.errors import UserError
 from rlino.methods import MethodParams
+from rlino.resolve import looks_like_hub_id
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 """Where named presets live in a source checkout (`configs/NAME.yaml`)."""
@@ -70,6 +71,8 @@ class RolloutConfig:
     """Top-k sampling (0 = off)."""
     max_new_tokens: int = 128
     """Completion length cap in tokens."""
+    ignore_eos: bool = False
+    """Sample past EOS up to max_new_tokens (benchmarks use it to force equal lengths)."""
 
 
 @dataclass
@@ -181,11 +184,6 @@ class TrainConfig:
         if path is not None and not looks_like_hub_id(path) and not Path(path).exists():
             raise UserError(f"model.path {self.model.path!r} does not exist")
         self.method.validate(group_size=r.samples_per_prompt)
-
-
-def looks_like_hub_id(spec: str) -> bool:
-    """`org/name` with no local meaning: left for the loader to try on the hub."""
-    return spec.count("/") == 1 and not spec.startswith((".", "/", "~")) and not Path(spec).exists()
 
 
 # ---------------------------------------------------------------- building from dicts

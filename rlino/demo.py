@@ -67,10 +67,9 @@ def run_demo(
 
     from rlino.analysis.compare import load_spec, run_compare, spec_from_flags
     from rlino.analysis.equivalence import gradient_equivalence
-    from rlino.config import TrainConfig
     from rlino.policy import load_policy
+    from rlino.resolve import resolve_target
     from rlino.tasks import get_task
-    from rlino.train import resolve_model_and_task
 
     console = Console()
     if not console.is_terminal:  # logs and pipes: wide enough for the table
@@ -83,10 +82,10 @@ def run_demo(
     summary = json.loads((out / "summary.json").read_text())
 
     console.print("gradient equivalence on one batch of the base model's rollouts ...")
-    path, gguf, options, template = resolve_model_and_task(TrainConfig())
-    policy = load_policy(path, gguf_file=gguf)
+    target = resolve_target(None, "countdown")
+    policy = load_policy(target.model_path)
     equivalence = gradient_equivalence(
-        policy, get_task("countdown", **options), template=template, seed=0
+        policy, get_task("countdown", **target.task_options), template=target.template, seed=0
     )
     (out / "equivalence.json").write_text(json.dumps(equivalence, indent=2) + "\n")
 

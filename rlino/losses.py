@@ -2,7 +2,8 @@
 
 Shapes: N samples (N = P prompts x G samples), T completion tokens (padded); `logp` (N, T) holds
 each completion token's log-probability under the policy, `mask` (N, T) is 1 on real tokens. Values
-at masked positions are ignored but must be finite.
+at masked positions are ignored but must be finite. Weights are one per sample, (N,), or one per
+token, (N, T) (a per-token method such as Monte-Carlo step credit); both broadcast the same way.
 
 How per-token losses become a scalar is a choice of its own (`aggregate`): the paper's length
 argument rests on GRPO's per-sample 1/|o| (seq-mean), while the authors' code averaged over all
@@ -66,6 +67,19 @@ def masked_mean(values: Tensor, mask: Tensor) -> Tensor:
     return aggregate(values, mask, "token-mean")
 
 
+def per_token_weights(weights: Tensor) -> Tensor:
+    """Weights as (N, 1) (one per sample, broadcast over tokens) or (N, T) (one per token)."""
+    return weights[:, None] if weights.dim() == 1 else weights
+
+
+def per_sample_weights(weights: Tensor, mask: Tensor) -> Tensor:
+    """(N,) one weight per sample: as given, or a per-token weight's mean over the real tokens."""
+    if weights.dim() == 1:
+        return weights
+    m = mask.to(weights.dtype)  # (N, T)
+    return (weights * m).sum(dim=1) / m.sum(dim=1).clamp(min=1.0)  # (N,)
+
+
 def weighted_likelihood_loss(
     logp: Tensor,
     weights: Tensor,
@@ -73,15 +87,15 @@ def weighted_likelihood_loss(
     mode: str = "seq-mean",
     constant_length: int | None = None,
 ) -> Tensor:
-    """Filtered-SFT loss: -weight_i * log pi(o_it), aggregated; weights (N,) one per sample."""
-    per_token = -weights[:, None] * logp  # (N, T)
+    """Filtered-SFT loss: -w_it * log pi(o_it), aggregated; weights (N,) or (N, T)."""
+    per_token = -per_token_weights(weights) * logp  # (N, T)
     return aggregate(per_token, mask, mode, constant_length)
 
 
 def clipped_surrogate_loss(
     logp: Tensor,
     old_logp: Tensor,
-    advantages: Tensor,
+    weights: Tensor,
     mask: Tensor,
     eps: float,
     mode: str = "seq-mean",
@@ -89,11 +103,13 @@ def clipped_surrogate_loss(
 ) -> tuple[Tensor, Stats]:
     """GRPO/PPO surrogate: per token -min(r A, clip(r, 1-eps, 1+eps) A), r = pi / pi_old.
 
+    A is the weight (GRPO's advantage), (N,) or (N, T).
+
     Stats: clip_frac, the fraction of real tokens where the clipped branch is the smaller one (its
     gradient is zero there), and ratio_mean over real tokens.
     """
     ratio = torch.exp(logp - old_logp)  # (N, T)
-    adv = advantages[:, None]  # (N, 1)
+    adv = per_token_weights(weights)  # (N, 1) or (N, T)
     unclipped = ratio * adv  # (N, T)
     clipped = ratio.clamp(1.0 - eps, 1.0 + eps) * adv  # (N, T)
     loss = aggregate(-torch.minimum(unclipped, clipped), mask, mode, constant_length)
@@ -123,18 +139,18 @@ SurrogateFn = Callable[
 
 
 def _likelihood(
-    params: MethodParams, logp: Tensor, mask: Tensor, adv: Tensor, old_logp: Tensor | None
+    params: MethodParams, logp: Tensor, mask: Tensor, weights: Tensor, old_logp: Tensor | None
 ) -> tuple[Tensor, Stats]:
-    loss = weighted_likelihood_loss(logp, adv, mask, params.aggregation, params.constant_length)
+    loss = weighted_likelihood_loss(logp, weights, mask, params.aggregation, params.constant_length)
     return loss, {}
 
 
 def _clipped(
-    params: MethodParams, logp: Tensor, mask: Tensor, adv: Tensor, old_logp: Tensor | None
+    params: MethodParams, logp: Tensor, mask: Tensor, weights: Tensor, old_logp: Tensor | None
 ) -> tuple[Tensor, Stats]:
     old = logp.detach() if old_logp is None else old_logp
     return clipped_surrogate_loss(
-        logp, old, adv, mask, params.clip_eps, params.aggregation, params.constant_length
+        logp, old, weights, mask, params.clip_eps, params.aggregation, params.constant_length
     )
 
 
@@ -146,26 +162,28 @@ def policy_loss(
     params: MethodParams,
     logp: Tensor,
     mask: Tensor,
-    advantages: Tensor,
+    weights: Tensor,
     old_logp: Tensor | None = None,
     ref_logp: Tensor | None = None,
 ) -> tuple[Tensor, Stats]:
     """The loss a method minimises on one batch, and float stats for logging.
 
-    advantages: (N,) or (P, G) with P * G = N, from `method.advantages`. old_logp: the policy's
-    log-probs at sampling time (None = on-policy, ratio 1). ref_logp: the frozen reference's; the
-    k3 KL is logged whenever given and added as + beta * KL when params.beta > 0.
-    Stats: loss/policy, loss/kl, loss/total, kl, weight_sum, weight_abs_sum, and for the clipped
-    surrogate clip_frac and ratio_mean.
+    weights: (N,), (P, G) with P * G = N, or per token (N, T), from `rlino.methods.weigh`.
+    old_logp: the policy's log-probs at sampling time (None = on-policy, ratio 1). ref_logp: the
+    frozen reference's; the k3 KL is logged whenever given and added as + beta * KL when
+    params.beta > 0. Stats: loss/policy, loss/kl, loss/total, kl, weight_sum, weight_abs_sum, and
+    for the clipped surrogate clip_frac and ratio_mean.
     """
-    adv = advantages.reshape(-1).to(logp.dtype)  # (N,)
-    if adv.shape[0] != logp.shape[0]:
-        raise ValueError(f"{adv.shape[0]} advantages for {logp.shape[0]} samples")
+    if weights.shape != logp.shape:
+        weights = weights.reshape(-1)  # (P, G) -> (N,)
+    w = weights.to(logp.dtype)  # (N,) or (N, T)
+    if w.shape[0] != logp.shape[0]:
+        raise ValueError(f"{w.shape[0]} weights for {logp.shape[0]} samples")
     if params.beta > 0 and not method.uses_kl:
         raise ValueError(f"method {method.name!r} has no KL term but beta={params.beta}")
     if params.beta > 0 and ref_logp is None:
         raise ValueError("beta > 0 needs ref_logp (the reference model's log-probs)")
-    pg_loss, stats = SURROGATE_LOSSES[method.surrogate](params, logp, mask, adv, old_logp)
+    pg_loss, stats = SURROGATE_LOSSES[method.surrogate](params, logp, mask, w, old_logp)
     loss = pg_loss
     kl_value = 0.0
     kl_term = 0.0
@@ -175,44 +193,14 @@ def policy_loss(
         if params.beta > 0:
             loss = loss + params.beta * kl
             kl_term = params.beta * kl_value
+    w = per_sample_weights(w, mask)  # (N,)
     stats = {
         "loss/policy": pg_loss.item(),
         "loss/kl": kl_term,
         "loss/total": loss.item(),
         "kl": kl_value,
-        "weight_sum": adv.sum().item(),
-        "weight_abs_sum": adv.abs().sum().item(),
+        "weight_sum": w.sum().item(),
+        "weight_abs_sum": w.abs().sum().item(),
         **stats,
     }
     return loss, stats
-
-
-# ---- group statistics for logging -----------------------------------------------------------
-
-
-def group_weight_sums(advantages: Tensor) -> Tensor:
-    """Sum of weights in each group, (P, G) -> (P,).
-
-    GRPO's standardised weights sum to 0; F-ISFT+- with rare successes is far from balanced
-    (1 right of 8: +0.5 - 7 x 0.5 = -3), which is how it collapsed in GUIDE.md section 6.
-    """
-    return advantages.sum(dim=1)  # (P,)
-
-
-def group_stats(rewards: Tensor, correct: Tensor, advantages: Tensor) -> Stats:
-    """Per-batch group diagnostics (P, G inputs): filtered groups, balance of the weights.
-
-    group/filtered_frac: groups whose weights are all zero (nothing learned from them);
-    group/all_correct_frac, group/all_wrong_frac: the binary-success cases behind most filtering.
-    """
-    sums = group_weight_sums(advantages)  # (P,)
-    c = correct.bool()  # (P, G)
-    return {
-        "group/filtered_frac": (advantages == 0).all(dim=1).float().mean().item(),
-        "group/all_correct_frac": c.all(dim=1).float().mean().item(),
-        "group/all_wrong_frac": (~c.any(dim=1)).float().mean().item(),
-        "group/weight_sum_mean": sums.mean().item(),
-        "group/weight_sum_min": sums.min().item(),
-        "group/weight_sum_max": sums.max().item(),
-        "group/reward_mean": rewards.float().mean().item(),
-    }

@@ -1,23 +1,30 @@
-"""Methods as weightings: each turns a scored group of samples into per-sample weights.
+"""Methods as weightings: each turns a scored batch of samples into weights.
 
-Under the usual LLM-MDP assumptions (GUIDE.md section 1) GRPO is filtered iterative SFT: every
-method here raises or lowers the log-likelihood of self-generated samples, each with its own weight.
-A `Method` is therefore data, not a trainer subclass:
+Under the usual LLM-MDP assumptions (the paper, arXiv 2505.13697) GRPO is filtered iterative SFT:
+every method here raises or lowers the log-likelihood of self-generated samples, each with its own
+weight. A `Method` is therefore data, not a trainer subclass:
 
-- `advantages(rewards (P, G), correct (P, G), params, completions) -> (P, G)`: one weight per
-  sample (P prompts, G samples per prompt);
+- `weighting(batch, params, sampler) -> weights`: one weight per sample, (P, G) for P prompts x G
+  samples, or, for a method with `per_token=True`, one per completion token, (N, T) with
+  N = P * G; `weigh` is the only way weights are computed (the training step, the equivalence
+  analysis and the benchmarks all call it);
 - `surrogate`: "clipped" (GRPO's ratio-clipped objective) or "likelihood" (plain weighted
   log-likelihood); `rlino.losses.policy_loss` turns weights into a loss;
 - `uses_kl` (may pull toward a frozen reference with beta > 0) and `group_relative` (needs G >= 2).
+
+The batch (`ScoredBatch`) carries rewards, binary correctness and the completions' token ids; the
+`sampler`, when the caller has one, draws and scores fresh continuations of partial completions
+(Monte-Carlo values), so a method that needs extra sampling still runs in the one loop.
 
 Built in: `grpo`, `fisft` (presets `fisft+`, `fisft-`, `fisft+-`), `fisft-grpo`, `raft`, and the
 presets `grpo-nokl` and `dr-grpo`. Adding a method is one function and one call::
 
     from rlino.methods import Method, register_method
 
-    def best_of_group(rewards, correct, params, completions):
+    def best_of_group(batch, params, sampler):
         # weight 1 on each group's top-reward samples (ties share it), 0 elsewhere
-        top = (rewards == rewards.max(dim=1, keepdim=True).values).float()  # (P, G)
+        r = batch.rewards  # (P, G)
+        top = (r == r.max(dim=1, keepdim=True).values).float()  # (P, G)
         return top / top.sum(dim=1, keepdim=True)
 
     register_method(Method("best-of-group", "SFT on each group's best sample", best_of_group,
@@ -29,9 +36,9 @@ functions only, so the config and CLI can import this module cheaply.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, fields, replace
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from rlino.errors import UserError
 
@@ -105,7 +112,37 @@ class MethodParams:
             raise UserError(f"method.dedup applies to raft only, not to {self.name!r}")
 
 
-AdvantageFn = Callable[["Tensor", "Tensor", MethodParams, "list[tuple[int, ...]] | None"], "Tensor"]
+@dataclass
+class ScoredBatch:
+    """What a weighting sees: P prompts x G samples, verified, and the completions' token ids."""
+
+    rewards: Tensor
+    """(P, G) shaped rewards (e.g. Countdown's 1 / 0.1 / 0)"""
+    correct: Tensor
+    """(P, G) bool, binary success, kept apart from the reward"""
+    completion_ids: Tensor | None = None
+    """(N, T) completion token ids, N = P * G in group order (None in hand-built batches)"""
+    completion_mask: Tensor | None = None
+    """(N, T) bool, True on real completion tokens"""
+
+    def completion(self, k: int) -> tuple[int, ...]:
+        """The token ids of sample `k` (row-major over (P, G)), padding removed."""
+        if self.completion_ids is None or self.completion_mask is None:
+            raise ValueError("this batch carries no completion token ids")
+        return tuple(self.completion_ids[k][self.completion_mask[k]].tolist())
+
+
+class Sampler(Protocol):
+    """Draws and scores K fresh continuations of partial completions: Monte-Carlo values."""
+
+    def continuation_rewards(
+        self, rows: Sequence[int], prefixes: Sequence[Sequence[int]], k: int
+    ) -> Tensor:
+        """(len(rows), k) rewards of k continuations of sample `rows[i]`'s prompt + `prefixes[i]`."""
+        ...
+
+
+WeightingFn = Callable[[ScoredBatch, "MethodParams", "Sampler | None"], "Tensor"]
 
 
 @dataclass(frozen=True)
@@ -116,8 +153,8 @@ class Method:
     """registry key"""
     description: str
     """one line for `--help` and reports"""
-    advantages: AdvantageFn
-    """(rewards (P, G), correct (P, G) bool, params, completions or None) -> (P, G) weights"""
+    weighting: WeightingFn
+    """(batch, params, sampler or None) -> (P, G) weights, or (N, T) when `per_token`"""
     surrogate: Literal["clipped", "likelihood"]
     """clipped ratio surrogate (grpo) or plain weighted log-likelihood"""
     uses_kl: bool
@@ -125,7 +162,9 @@ class Method:
     group_relative: bool
     """weights compare samples within a group, so it needs G >= 2"""
     uses_dedup: bool = False
-    """honours params.dedup (needs the completions' token ids)"""
+    """honours params.dedup (reads the completions' token ids)"""
+    per_token: bool = False
+    """returns one weight per completion token (N, T) instead of one per sample (P, G)"""
 
     def __post_init__(self) -> None:
         if self.surrogate not in SURROGATES:
@@ -201,30 +240,55 @@ def _check_preset_conflicts(name: str, preset: Preset, params: MethodParams) -> 
 
 
 def weigh(
-    method: Method,
-    params: MethodParams,
-    rewards: Tensor,
-    correct: Tensor,
-    completions: list[tuple[int, ...]] | None = None,
+    method: Method, params: MethodParams, batch: ScoredBatch, sampler: Sampler | None = None
 ) -> Tensor:
-    """Per-sample weights (P, G) for a scored batch, after checking the shapes agree."""
+    """The weights of a scored batch under `method`: (P, G), or (N, T) for a per-token method.
+
+    The one entry point for weights: it checks the batch and the result's shape, so a weighting
+    bug surfaces here rather than as a silently mis-broadcast loss.
+    """
+    rewards, correct = batch.rewards, batch.correct
     if rewards.dim() != 2 or rewards.shape != correct.shape:
         raise ValueError(
             f"rewards and correct must both be (P, G); got {tuple(rewards.shape)} and "
             f"{tuple(correct.shape)}"
         )
-    if completions is not None and len(completions) != rewards.numel():
-        raise ValueError(f"{len(completions)} completions for {rewards.numel()} rewards")
-    return method.advantages(rewards, correct, params, completions)
+    ids = batch.completion_ids
+    if ids is not None and ids.shape[0] != rewards.numel():
+        raise ValueError(f"{ids.shape[0]} completions for {rewards.numel()} rewards")
+    if method.per_token and ids is None:
+        raise ValueError(f"method {method.name!r} weighs tokens: it needs the completions' ids")
+    weights = method.weighting(batch, params, sampler)
+    if method.per_token:
+        if ids is None or weights.shape != ids.shape:
+            raise ValueError(
+                f"method {method.name!r} must return (N, T) = {tuple(ids.shape)} per-token "
+                f"weights, got {tuple(weights.shape)}"
+            )
+    elif weights.shape != rewards.shape:
+        raise ValueError(
+            f"method {method.name!r} must return (P, G) = {tuple(rewards.shape)} weights, "
+            f"got {tuple(weights.shape)}"
+        )
+    return weights
+
+
+def filtered_groups(rewards: Tensor) -> Tensor:
+    """(P,) bool: groups whose rewards are all equal (within REWARD_TOL), so nothing to compare.
+
+    These are the "filter" of filtered iterative SFT: every group-relative method gives them
+    weight 0. The one definition used by the weightings, the training metrics and the analyses.
+    """
+    return rewards.double().std(dim=1, correction=0) <= REWARD_TOL  # (P,)
 
 
 # ---- built-in weightings ---------------------------------------------------------------------
 
 
 def group_standardised(
-    rewards: Tensor, correct: Tensor, params: MethodParams, completions: Any = None
+    batch: ScoredBatch, params: MethodParams, sampler: Sampler | None = None
 ) -> Tensor:
-    """GRPO's advantage (R - mean) / std per group, population std; constant groups get 0.
+    """GRPO's weight (R - mean) / std per group, population std; filtered groups get 0.
 
     For binary rewards with a fraction p correct this is A+ = sqrt((1-p)/p) for the correct and
     A- = -sqrt(p/(1-p)) for the wrong, so each group's weights sum to zero. scale_std=False gives
@@ -232,46 +296,40 @@ def group_standardised(
     """
     import torch
 
-    r = rewards.double()  # (P, G); float64 so std of a near-constant group is not noise
+    r = batch.rewards.double()  # (P, G); float64 so std of a near-constant group is not noise
     centred = r - r.mean(dim=1, keepdim=True)  # (P, G)
     std = r.std(dim=1, correction=0, keepdim=True)  # (P, 1)
-    flat = std <= REWARD_TOL  # (P, 1) groups with nothing to compare: the "filter"
+    flat = filtered_groups(batch.rewards)[:, None]  # (P, 1)
     scale = torch.where(flat, torch.ones_like(std), std) if params.scale_std else 1.0
-    adv = centred / scale  # (P, G)
-    adv = torch.where(flat, torch.zeros_like(adv), adv)
-    return adv.to(rewards.dtype)
+    weights = torch.where(flat, torch.zeros_like(centred), centred / scale)  # (P, G)
+    return weights.to(batch.rewards.dtype)
 
 
 def above_below_mean(
-    rewards: Tensor, correct: Tensor, params: MethodParams, completions: Any = None
+    batch: ScoredBatch, params: MethodParams, sampler: Sampler | None = None
 ) -> Tensor:
     """F-ISFT: +(1 - alpha) above the group's mean reward, 0 at it, -alpha below."""
-    r = rewards.double()  # (P, G)
+    r = batch.rewards.double()  # (P, G)
     diff = r - r.mean(dim=1, keepdim=True)  # (P, G)
     above = (diff > REWARD_TOL).double()
     below = (diff < -REWARD_TOL).double()
-    return ((1.0 - params.alpha) * above - params.alpha * below).to(rewards.dtype)
+    return ((1.0 - params.alpha) * above - params.alpha * below).to(batch.rewards.dtype)
 
 
 def correct_only(
-    rewards: Tensor,
-    correct: Tensor,
-    params: MethodParams,
-    completions: list[tuple[int, ...]] | None = None,
+    batch: ScoredBatch, params: MethodParams, sampler: Sampler | None = None
 ) -> Tensor:
     """RAFT: weight 1 on each correct sample, 0 else; with dedup, repeats within a group get 0."""
-    weights = correct.to(rewards.dtype).clone()  # (P, G)
+    weights = batch.correct.to(batch.rewards.dtype).clone()  # (P, G)
     if not params.dedup:
         return weights
-    if completions is None:
-        raise ValueError("raft with dedup needs the completions' token ids")
     n_prompts, group = weights.shape
     for i in range(n_prompts):
         seen: set[tuple[int, ...]] = set()
         for j in range(group):
-            if not correct[i, j]:
+            if not batch.correct[i, j]:
                 continue
-            ids = tuple(completions[i * group + j])
+            ids = batch.completion(i * group + j)
             if ids in seen:
                 weights[i, j] = 0.0
             seen.add(ids)

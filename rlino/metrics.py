@@ -15,7 +15,6 @@ model got better at sampling the right answer" and "the model covers more proble
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
 
 
 def _check(n: int, c: int, k: int) -> None:
@@ -40,18 +39,3 @@ def mean_at_k(n: int, c: int, k: int = 1) -> float:
     """
     _check(n, c, k)
     return c / n
-
-
-def summarize_at_k(per_problem: Iterable[Sequence[bool]], ks: Sequence[int]) -> dict[str, float]:
-    """`pass@k` and `mean@k` averaged over problems, each given as its list of sample verdicts.
-
-    Every problem needs at least max(ks) samples. Returns e.g. {"pass@1": .., "pass@5": .., ...}.
-    """
-    problems = [(len(s), sum(bool(x) for x in s)) for s in per_problem]
-    if not problems:
-        raise ValueError("no problems to summarise")
-    out: dict[str, float] = {}
-    for k in ks:
-        out[f"pass@{k}"] = sum(pass_at_k(n, c, k) for n, c in problems) / len(problems)
-        out[f"mean@{k}"] = sum(mean_at_k(n, c, k) for n, c in problems) / len(problems)
-    return out

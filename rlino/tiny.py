@@ -8,10 +8,8 @@ varying length (see `rlino.tiny_corpus` for how the traces make it improvable by
 - `pretrain(config, out)` builds the tokenizer and model, trains, and saves a standard HF directory
   (config.json, model.safetensors, tokenizer.json, ...) plus `rlino_task.json` with the task
   settings it was trained for; plain `transformers` loads it with no rlino import.
-- `task_settings(model_dir)` reads those settings so eval/train default to them.
-- `default_model_dir()` is the shipped model (`rlino/assets/tiny-countdown`), pretrained into the
-  cache on first use if the package lacks it.
-- `measure(model_dir)` is a small greedy/sampled accuracy check used to tune the corpus.
+- `rlino.resolve.task_settings(model_dir)` reads those settings so eval/train default to them;
+  `rlino.resolve.tiny_model_dir()` is the shipped model (`rlino/assets/tiny-countdown`).
 
 The tokenizer is word-level: each number 0..999 is one token (never with a space, so a number is
 one and the same token wherever it appears), so is every other ASCII character (with or without a
@@ -33,6 +31,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from rlino.errors import UserError
+from rlino.resolve import TASK_FILE
 from rlino.tiny_corpus import TraceStyle, trace
 
 if TYPE_CHECKING:
@@ -40,7 +39,6 @@ if TYPE_CHECKING:
 
     from rlino.tasks import Example, Task
 
-TASK_FILE = "rlino_task.json"
 TEMPLATE = "r1"
 PAD, EOS, UNK = "<|pad|>", "<|endoftext|>", "<|unk|>"
 TAGS = ("<think>", "</think>", "<answer>", "</answer>")
@@ -102,34 +100,6 @@ class PretrainResult:
     parameters: int
     seconds: float
     final_loss: float
-
-
-# ---- task settings stored beside the model ----
-
-
-def task_settings(model_dir: str | Path) -> dict[str, Any] | None:
-    """The `{"task", "template", "options"}` a tiny model was trained for, or None if unrecorded."""
-    path = Path(model_dir) / TASK_FILE
-    if not path.is_file():
-        return None
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise UserError(f"{path} is not valid JSON: {e}") from None
-    if not isinstance(data, dict) or "task" not in data:
-        raise UserError(f"{path} lacks a 'task' entry")
-    return data
-
-
-def default_model_dir(progress: bool = True) -> Path:
-    """The shipped tiny Countdown model; pretrained into ~/.cache/rlino if the package lacks it."""
-    shipped = Path(__file__).parent / "assets" / "tiny-countdown"
-    if (shipped / "config.json").is_file():
-        return shipped
-    cached = Path.home() / ".cache" / "rlino" / "tiny-countdown"
-    if not (cached / "config.json").is_file():
-        pretrain(PretrainConfig(), cached, progress=progress)
-    return cached
 
 
 # ---- corpus ----
@@ -442,64 +412,3 @@ class _progress_bar:
     def __exit__(self, *exc: object) -> None:
         if self.enabled and self.bar is not None:
             self.bar.stop()
-
-
-# ---- a small accuracy check (the full evaluator is rlino.evaluate) ----
-
-
-def measure(
-    model_dir: str | Path,
-    n: int = 200,
-    temperature: float = 0.0,
-    batch_size: int = 100,
-    max_new_tokens: int = 160,
-    seed: int = 0,
-    threads: int = 2,
-) -> dict[str, float]:
-    """Accuracy, format rate and mean completion length (tokens) on the first `n` test examples.
-
-    Greedy when `temperature` is 0; one sample per prompt otherwise. Stops at EOS or `</answer>`.
-    """
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    torch.set_num_threads(threads)
-    settings = task_settings(model_dir) or {"task": "countdown", "options": {}}
-    task = _countdown_task(settings["options"])
-    examples = task.examples("test")[:n]
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    tokenizer.padding_side = "left"
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    stop_ids = [tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("</answer>")]
-    torch.manual_seed(seed)
-    correct = formatted = tokens = 0
-    for i in range(0, len(examples), batch_size):
-        chunk = examples[i : i + batch_size]
-        enc = tokenizer(
-            [task.prompt(ex, TEMPLATE) for ex in chunk], return_tensors="pt", padding=True
-        )
-        sampling: dict[str, Any] = {"do_sample": False}
-        if temperature:
-            sampling = {"do_sample": True, "temperature": temperature, "top_k": 0}
-        with torch.no_grad():
-            out = model.generate(
-                **enc,
-                max_new_tokens=max_new_tokens,
-                eos_token_id=stop_ids,
-                pad_token_id=tokenizer.pad_token_id,
-                **sampling,
-            )
-        new = out[:, enc["input_ids"].shape[1] :]  # (B, T_new)
-        for ex, ids in zip(chunk, new.tolist(), strict=True):
-            length = next((j + 1 for j, t in enumerate(ids) if t in stop_ids), len(ids))
-            score = task.score(tokenizer.decode(ids[:length], skip_special_tokens=True), ex)
-            correct += score.correct
-            formatted += score.format_ok
-            tokens += length
-    count = max(1, len(examples))
-    return {
-        "n": len(examples),
-        "accuracy": correct / count,
-        "format_rate": formatted / count,
-        "mean_length": tokens / count,
-    }

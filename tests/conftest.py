@@ -1,23 +1,28 @@
-"""Shared fixtures: real data from ../shared/data, real tiny models built locally (no download)."""
+"""Shared fixtures: GSM8K from the copy rlino ships, tiny models built locally (no download)."""
 
 from __future__ import annotations
 
+import gzip
 import importlib.util
 from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-SHARED_DATA = REPO.parent / "shared" / "data"
-
 
 @pytest.fixture(scope="session")
-def gsm8k_dir() -> Path:
-    """The GSM8K JSONL directory shipped beside the repo (train.jsonl, test.jsonl)."""
-    path = SHARED_DATA / "gsm8k"
-    if not (path / "test.jsonl").exists():
-        pytest.fail(f"GSM8K data not found at {path}; the tests expect ../shared/data/gsm8k")
-    return path
+def gsm8k_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A plain GSM8K JSONL directory (train.jsonl, test.jsonl), as a user passes with --data.
+
+    Decompressed from the copy shipped in rlino/data/gsm8k, so no test needs files outside the
+    repository, and the tests of explicit paths read plain JSONL, not the shipped .gz files.
+    """
+    from rlino.tasks.gsm8k import SHIPPED_DIR
+
+    out = tmp_path_factory.mktemp("gsm8k")
+    for split in ("train", "test"):
+        with gzip.open(SHIPPED_DIR / f"{split}.jsonl.gz", "rb") as f:
+            (out / f"{split}.jsonl").write_bytes(f.read())
+    return out
 
 
 @pytest.fixture(scope="session")

@@ -17,6 +17,8 @@ SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_step.py"
 @pytest.fixture(scope="module")
 def bench() -> ModuleType:
     """The benchmark script as a module (benchmarks/ is not a package)."""
+    if str(SCRIPT.parent) not in sys.path:
+        sys.path.insert(0, str(SCRIPT.parent))  # as when run as a script: bench_common beside it
     spec = importlib.util.spec_from_file_location("bench_step", SCRIPT)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)

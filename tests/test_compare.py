@@ -21,13 +21,8 @@ from rlino.analysis.compare import (
     spec_from_dict,
     spec_from_flags,
 )
-from rlino.analysis.report import (
-    curves,
-    seed_stats,
-    summarize_rows,
-    t_quantile,
-    write_report,
-)
+from rlino.analysis.report import curves, summarize_rows, write_report
+from rlino.analysis.seed_stats import seed_stats, t_quantile
 from rlino.errors import UserError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -112,7 +107,7 @@ def test_curves_mean_and_std_over_seeds() -> None:
 
 
 def _write_run(root: Path, name: str, rows: list[dict], finished: bool = True) -> None:
-    run = root / "runs" / name
+    run = root / "runs" / name  # name: LABEL/seedN
     run.mkdir(parents=True)
     (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     if finished:
@@ -121,8 +116,9 @@ def _write_run(root: Path, name: str, rows: list[dict], finished: bool = True) -
 
 def test_write_report_on_synthetic_runs(tmp_path: Path) -> None:
     for seed, end in enumerate([0.30, 0.40, 0.50]):
-        _write_run(tmp_path, f"grpo-s{seed}", _rows(0.10, end, 40.0))
-    _write_run(tmp_path, "fisft+-s0", _rows(0.10, 0.20, 30.0))
+        _write_run(tmp_path, f"grpo/seed{seed}", _rows(0.10, end, 40.0))
+    _write_run(tmp_path, "fisft+/seed0", _rows(0.10, 0.20, 30.0))
+    _write_run(tmp_path, "fisft+-/seed0", _rows(0.10, 0.05, 30.0))
     summary = write_report(tmp_path)
     grpo = summary["methods"]["grpo"]
     assert grpo["seeds"] == [0, 1, 2]
@@ -132,6 +128,9 @@ def test_write_report_on_synthetic_runs(tmp_path: Path) -> None:
     assert grpo["final_accuracy"]["ci_high"] == pytest.approx(0.40 + half, abs=1e-6)
     assert grpo["gain"]["mean"] == pytest.approx(0.30)
     assert summary["methods"]["fisft+"]["final_accuracy"]["std"] is None
+    # runs/fisft+-/seed0 is F-ISFT+- (seed 0), never F-ISFT+ with a "-s0" suffix
+    assert summary["methods"]["fisft+"]["final_accuracy"]["mean"] == pytest.approx(0.20)
+    assert summary["methods"]["fisft+-"]["final_accuracy"]["mean"] == pytest.approx(0.05)
     report = (tmp_path / "report.md").read_text()
     assert "| grpo | 0,1,2 | 40.0 ± 10.0 [15.2, 64.8] | 10.0 | 30.0 ± 10.0" in report
     assert "20.0 (n=1)" in report
@@ -140,12 +139,24 @@ def test_write_report_on_synthetic_runs(tmp_path: Path) -> None:
     assert json.loads((tmp_path / "summary.json").read_text())["methods"].keys() == {
         "grpo",
         "fisft+",
+        "fisft+-",
     }
 
 
 def test_write_report_needs_runs(tmp_path: Path) -> None:
     with pytest.raises(UserError, match="no runs"):
         write_report(tmp_path)
+
+
+def test_old_flat_layout_is_refused_not_mixed(tmp_path: Path) -> None:
+    _write_run(tmp_path, "grpo/seed0", _rows(0.10, 0.30, 40.0))
+    _write_run(tmp_path, "fisft+-s0", _rows(0.10, 0.20, 30.0))  # runs/LABEL-sSEED, the old layout
+    with pytest.raises(UserError, match="old layout") as err:
+        write_report(tmp_path)
+    assert "\n" not in str(err.value)
+    spec = spec_from_dict({"methods": ["grpo"], "train": {"iterations": 1}})
+    with pytest.raises(UserError, match="old layout"):
+        run_compare(spec, tmp_path, progress=False, train_fn=lambda *a, **k: None)
 
 
 # ---------------------------------------------------------------- specs
@@ -159,7 +170,7 @@ def test_spec_parsing_and_errors() -> None:
             "train": {"iterations": 3},
         }
     )
-    assert spec.run_names() == ["grpo-s0", "grpo-s1", "grpo-tm-s0", "grpo-tm-s1"]
+    assert spec.run_names() == ["grpo/seed0", "grpo/seed1", "grpo-tm/seed0", "grpo-tm/seed1"]
     unnamed = spec_from_dict(
         {"methods": [{"name": "grpo", "aggregation": "token-mean"}, {"name": "grpo", "beta": 0.04}]}
     )
@@ -170,12 +181,15 @@ def test_spec_parsing_and_errors() -> None:
         spec_from_dict({"methods": [{"name": "grpo", "agg": "x"}]})
     with pytest.raises(UserError, match="distinct"):
         spec_from_dict({"methods": ["grpo", "grpo"]})
+    with pytest.raises(UserError, match="cannot hold '/'") as err:
+        spec_from_dict({"methods": [{"label": "grpo/tm", "name": "grpo"}]})
+    assert "\n" not in str(err.value)
     with pytest.raises(UserError, match="unknown config key"):
         spec_from_dict({"methods": ["grpo"], "train": {"itrations": 3}})
     flags = spec_from_flags(
         spec, methods="grpo,fisft+", seeds="3", iterations=7, overrides=["optim.lr=1e-3"]
     )
-    assert flags.run_names() == ["grpo-s3", "fisft+-s3"]
+    assert flags.run_names() == ["grpo/seed3", "fisft+/seed3"]
     assert flags.train["iterations"] == 7
     assert run_config(flags, flags.methods[1], 3).optim.lr == pytest.approx(1e-3)
 
@@ -220,7 +234,7 @@ def test_compare_grid_report_and_resume(tiny_random_model_dir: Path, tmp_path: P
     calls: list[tuple[str, bool]] = []
 
     def counting_train(config, run_dir, **kw):
-        calls.append((run_dir.name, kw["resume"]))
+        calls.append((f"{run_dir.parent.name}/{run_dir.name}", kw["resume"]))
         return train(config, run_dir, **kw)
 
     spec = _tiny_spec(tiny_random_model_dir)
@@ -228,10 +242,10 @@ def test_compare_grid_report_and_resume(tiny_random_model_dir: Path, tmp_path: P
     report = run_compare(spec, out, progress=False, train_fn=counting_train)
     assert report == out / "report.md"
     assert calls == [
-        ("grpo-s0", False),
-        ("grpo-s1", False),
-        ("fisft+-s0", False),
-        ("fisft+-s1", False),
+        ("grpo/seed0", False),
+        ("grpo/seed1", False),
+        ("fisft+/seed0", False),
+        ("fisft+/seed1", False),
     ]
     for name in ("report.md", "summary.json", "accuracy.png", "lengths.png", "reward.png"):
         assert (out / name).is_file()
@@ -240,27 +254,29 @@ def test_compare_grid_report_and_resume(tiny_random_model_dir: Path, tmp_path: P
     assert summary["methods"]["fisft+"]["final_accuracy"]["n"] == 2
     assert all(r["iterations"] == 2 and r["finished"] for r in summary["runs"])
     # same seed, same prompts: the first logged group's prompt agrees across methods
-    first = [json.loads(line)["prompt"] for line in (out / "runs/grpo-s1/samples.jsonl").open()][:1]
-    other = [json.loads(line)["prompt"] for line in (out / "runs/fisft+-s1/samples.jsonl").open()][
-        :1
+    first = [json.loads(line)["prompt"] for line in (out / "runs/grpo/seed1/samples.jsonl").open()]
+    other = [
+        json.loads(line)["prompt"] for line in (out / "runs/fisft+/seed1/samples.jsonl").open()
     ]
+    first, other = first[:1], other[:1]
     assert first == other
 
     # a second call redoes nothing
-    mtimes = {p: p.stat().st_mtime_ns for p in out.glob("runs/*/metrics.jsonl")}
+    mtimes = {p: p.stat().st_mtime_ns for p in out.glob("runs/*/seed*/metrics.jsonl")}
+    assert len(mtimes) == 4
     calls.clear()
     run_compare(spec, out, progress=False, train_fn=counting_train)
     assert calls == []
-    assert {p: p.stat().st_mtime_ns for p in out.glob("runs/*/metrics.jsonl")} == mtimes
+    assert {p: p.stat().st_mtime_ns for p in out.glob("runs/*/seed*/metrics.jsonl")} == mtimes
 
     # interrupted runs: one with a checkpoint resumes, one without restarts cleanly
-    shutil.rmtree(out / "runs/grpo-s1/final")
-    shutil.rmtree(out / "runs/fisft+-s0/final")
-    shutil.rmtree(out / "runs/fisft+-s0/checkpoints")
+    shutil.rmtree(out / "runs/grpo/seed1/final")
+    shutil.rmtree(out / "runs/fisft+/seed0/final")
+    shutil.rmtree(out / "runs/fisft+/seed0/checkpoints")
     run_compare(spec, out, progress=False, train_fn=counting_train)
-    assert calls == [("grpo-s1", True), ("fisft+-s0", False)]
-    assert (out / "runs/grpo-s1/final").is_dir() and (out / "runs/fisft+-s0/final").is_dir()
-    rows = [json.loads(line) for line in (out / "runs/fisft+-s0/metrics.jsonl").open()]
+    assert calls == [("grpo/seed1", True), ("fisft+/seed0", False)]
+    assert (out / "runs/grpo/seed1/final").is_dir() and (out / "runs/fisft+/seed0/final").is_dir()
+    rows = [json.loads(line) for line in (out / "runs/fisft+/seed0/metrics.jsonl").open()]
     assert [r["iteration"] for r in rows] == [0, 1, 2]
 
     # a changed shared config is refused instead of mixing runs
@@ -271,7 +287,7 @@ def test_compare_grid_report_and_resume(tiny_random_model_dir: Path, tmp_path: P
 
 def test_cli_report_only_smoke(tmp_path: Path) -> None:
     for seed, end in enumerate([0.30, 0.50]):
-        _write_run(tmp_path, f"grpo-s{seed}", _rows(0.10, end, 40.0))
+        _write_run(tmp_path, f"grpo/seed{seed}", _rows(0.10, end, 40.0))
     done = subprocess.run(
         [sys.executable, "-m", "rlino", "compare", "--report-only", str(tmp_path)],
         capture_output=True,

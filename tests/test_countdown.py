@@ -12,7 +12,7 @@ import pytest
 from rlino.errors import UserError
 from rlino.tasks import get_task
 from rlino.tasks.countdown import CountdownTask, generate_instances, instance_key
-from rlino.verify.arithmetic import (
+from rlino.verify.countdown import (
     check_equation,
     evaluate_expression,
     extract_answer_block,

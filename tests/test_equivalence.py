@@ -95,11 +95,11 @@ def test_no_signal_is_an_error(random_policy) -> None:
 
 @pytest.mark.slow
 def test_tiny_base_in_process_and_cli(tmp_path: Path) -> None:
-    from rlino import tiny
+    from rlino import resolve
     from rlino.policy import load_policy
 
-    model_dir = tiny.default_model_dir(progress=False)
-    settings = tiny.task_settings(model_dir)
+    model_dir = resolve.tiny_model_dir()
+    settings = resolve.task_settings(model_dir)
     assert settings is not None
     policy = load_policy(str(model_dir), device="cpu", dtype="fp32")
     args = dict(prompts=4, samples=8, seed=1, max_new_tokens=96)

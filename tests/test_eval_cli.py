@@ -1,8 +1,9 @@
-"""`rlino eval` end to end: the shipped tiny base on Countdown, and SmolLM2 on GSM8K (slow)."""
+"""`rlino eval` end to end: the shipped tiny base on Countdown, GSM8K from the shipped copy."""
 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -10,13 +11,16 @@ from pathlib import Path
 import pytest
 
 
-def rlino(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+def rlino(
+    *args: str, stdin: str | None = None, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "rlino", *args],
         capture_output=True,
         text=True,
         input=stdin,
         timeout=600,
+        env=env,
     )
 
 
@@ -62,12 +66,29 @@ def test_bad_eval_input_exits_2(args: list[str], message: str) -> None:
     assert message in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
 
 
+def test_gsm8k_eval_needs_no_data_option(tiny_random_model_dir: Path, tmp_path: Path) -> None:
+    """No --data, no $RLINO_GSM8K, hub forced offline: the shipped GSM8K copy is evaluated."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    env.pop("RLINO_GSM8K", None)
+    saved = tmp_path / "completions.jsonl"
+    proc = rlino(
+        "eval", "--task", "gsm8k", "--model", str(tiny_random_model_dir), "--limit", "4",
+        "--max-new-tokens", "8", "--json", "--save", str(saved), env=env,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["n"] == 4 and 0.0 <= result["accuracy"] <= 1.0
+    records = [json.loads(line) for line in saved.read_text().splitlines()]
+    assert records[0]["question"].startswith("Janet’s ducks lay 16 eggs per day")
+    assert records[0]["gold"] == "18"
+
+
 @pytest.mark.slow
-def test_smollm2_on_16_gsm8k_questions(smollm2_gguf: tuple[Path, str], gsm8k_dir: Path) -> None:
+def test_smollm2_on_16_gsm8k_questions(smollm2_gguf: tuple[Path, str]) -> None:
     directory, name = smollm2_gguf
     proc = rlino(
         "eval", "--model", str(directory), "--gguf-file", name, "--task", "gsm8k",
-        "--data", str(gsm8k_dir), "--template", "chat", "--limit", "16",
+        "--template", "chat", "--limit", "16",
         "--max-new-tokens", "192", "--batch-size", "16", "--json",
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-2000:]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import gzip
+import hashlib
 import json
 import os
 import subprocess
@@ -13,8 +15,8 @@ import pytest
 
 from rlino.errors import UserError
 from rlino.tasks import get_task
-from rlino.tasks.gsm8k import GSM8KTask
-from rlino.verify.numbers import find_answer, format_number, gold_from_solution, parse_number
+from rlino.tasks.gsm8k import SHIPPED_DIR, GSM8KTask
+from rlino.verify.gsm8k import find_answer, format_number, gold_from_solution, parse_number
 
 # (completion, gold, correct, format_ok, extracted)
 CASES = [
@@ -200,7 +202,58 @@ def test_env_var_is_the_default_path(gsm8k_dir: Path, monkeypatch: pytest.Monkey
     assert task.source() == str(gsm8k_dir)
     assert len(task.examples("test")) == 1319
     monkeypatch.delenv("RLINO_GSM8K")
-    assert GSM8KTask().source() == "openai/gsm8k"
+    assert GSM8KTask().source() == str(SHIPPED_DIR)
+
+
+# sha256 of the decompressed files, as in openai/grade-school-math (grade_school_math/data/)
+SHIPPED_SHA256 = {
+    "train": "17f347dc51477c50d4efb83959dbb7c56297aba886e5544ee2aaed3024813465",
+    "test": "3730d312f6e3440559ace48831e51066acaca737f6eabec99bccb9e4b3c39d14",
+}
+
+
+def test_shipped_copy_is_the_default(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With no path (and no $RLINO_GSM8K) the copy in rlino/data/gsm8k is read, offline."""
+    monkeypatch.delenv("RLINO_GSM8K", raising=False)
+    task = get_task("gsm8k")
+    assert task.source() == str(SHIPPED_DIR)
+    train, test = task.examples("train"), task.examples("test")
+    assert (len(train), len(test)) == (7473, 1319)
+    assert test[0]["question"].startswith("Janet’s ducks lay 16 eggs per day")
+    assert test[0]["answer"].endswith("#### 18") and test[0]["gold"] == "18"
+    assert train[0]["question"].startswith("Natalia sold clips to 48 of her friends in April")
+    assert train[0]["gold"] == "72"
+
+
+@pytest.mark.parametrize("split", ["train", "test"])
+def test_shipped_files_are_reproducible_and_unchanged(split: str) -> None:
+    """Header with mtime 0 and no file name (a rebuild gives the same bytes); content unchanged."""
+    raw = (SHIPPED_DIR / f"{split}.jsonl.gz").read_bytes()
+    assert raw[:2] == b"\x1f\x8b" and raw[3] == 0 and raw[4:8] == b"\0\0\0\0"  # FLG, MTIME
+    assert hashlib.sha256(gzip.decompress(raw)).hexdigest() == SHIPPED_SHA256[split]
+    assert "MIT License" in (SHIPPED_DIR / "LICENSE").read_text()
+
+
+def test_gzipped_jsonl_errors_name_file_and_line(tmp_path: Path) -> None:
+    good = json.dumps({"question": "q", "answer": "#### 1"})
+    (tmp_path / "test.jsonl.gz").write_bytes(gzip.compress(f"{good}\nnot json\n".encode()))
+    with pytest.raises(UserError, match=r"test\.jsonl\.gz:2: not valid JSON"):
+        GSM8KTask(path=str(tmp_path)).examples("test")
+    (tmp_path / "test.jsonl.gz").write_bytes(gzip.compress(f"{good}\n".encode())[:-8])
+    with pytest.raises(UserError, match=r"test\.jsonl\.gz: not a readable gzip file"):
+        GSM8KTask(path=str(tmp_path)).examples("test")
+    (tmp_path / "test.jsonl.gz").write_bytes(b"plain text, not gzip\n")
+    with pytest.raises(UserError, match=r"not a readable gzip file"):
+        GSM8KTask(path=str(tmp_path / "test.jsonl.gz")).examples("test")
+
+
+def test_plain_jsonl_shadows_the_gzipped_copy_beside_it(tmp_path: Path) -> None:
+    """A decompressed copy next to its archive is read once, not twice."""
+    line = json.dumps({"question": "q", "answer": "#### 1"}) + "\n"
+    (tmp_path / "test.jsonl.gz").write_bytes(gzip.compress(line.encode()))
+    assert len(GSM8KTask(path=str(tmp_path)).examples("test")) == 1
+    (tmp_path / "test.jsonl").write_text(line * 2)
+    assert len(GSM8KTask(path=str(tmp_path)).examples("test")) == 2
 
 
 def test_settings_are_json_serialisable() -> None:
@@ -209,7 +262,7 @@ def test_settings_are_json_serialisable() -> None:
 
 
 def test_missing_local_path_is_a_user_error(tmp_path: Path) -> None:
-    with pytest.raises(UserError, match=r"--data DIR"):
+    with pytest.raises(UserError, match=r"does not exist; --data takes a directory"):
         GSM8KTask(path=str(tmp_path / "nope")).examples("test")
     with pytest.raises(UserError, match=r"no test data"):
         GSM8KTask(path=str(tmp_path)).examples("test")
@@ -229,7 +282,7 @@ def test_unreachable_hub_is_a_user_error_naming_the_fix() -> None:
     code = (
         "from rlino.tasks.gsm8k import GSM8KTask\n"
         "from rlino.errors import UserError\n"
-        "try:\n    GSM8KTask().examples('test')\n"
+        "try:\n    GSM8KTask(path='openai/gsm8k').examples('test')\n"
         "except UserError as e:\n    print(e)\n"
     )
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
@@ -237,4 +290,4 @@ def test_unreachable_hub_is_a_user_error_naming_the_fix() -> None:
     out = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120
     ).stdout
-    assert "openai/gsm8k" in out and "--data DIR" in out
+    assert "could not load Hugging Face dataset 'openai/gsm8k'" in out and "--data takes" in out

@@ -12,27 +12,30 @@ import torch
 from rlino.analysis.lengths import (
     analyze_lengths,
     checkpoints,
+    default_out,
+    expand_run_dirs,
     grpo_wrong_advantage,
     length_table,
     sample_lengths,
     token_weights,
     weight_vs_length,
 )
+from rlino.errors import UserError
 from rlino.losses import weighted_likelihood_loss
 
 
 @pytest.mark.parametrize("mode", ["seq-mean", "token-mean", "constant"])
 def test_token_weights_are_the_loss_gradient(mode: str) -> None:
-    advantages = [1.2, -0.4, 0.0, -0.8]
+    weights = [1.2, -0.4, 0.0, -0.8]
     lengths = [3, 7, 2, 5]
     width = max(lengths)
     mask = torch.tensor([[t < n for t in range(width)] for n in lengths])
     logp = torch.randn(len(lengths), width, dtype=torch.float64, requires_grad=True)
     loss = weighted_likelihood_loss(
-        logp, torch.tensor(advantages, dtype=torch.float64), mask, mode, constant_length=10
+        logp, torch.tensor(weights, dtype=torch.float64), mask, mode, constant_length=10
     )
     loss.backward()
-    expected = token_weights(advantages, lengths, mode, constant_length=10)
+    expected = token_weights(weights, lengths, mode, constant_length=10)
     for i, n in enumerate(lengths):
         # every real token of sample i gets -d loss / d logp = the sample's per-token weight
         assert torch.allclose(-logp.grad[i, :n], torch.full((n,), expected[i], dtype=torch.float64))
@@ -116,8 +119,8 @@ def test_cli_lengths_smoke(tmp_path: Path) -> None:
     import subprocess
     import sys
 
-    _fake_run(tmp_path / "cmp" / "runs", "grpo-s0", 1.0)
-    _fake_run(tmp_path / "cmp" / "runs", "fisft+-s0", 0.0)
+    _fake_run(tmp_path / "cmp" / "runs", "grpo/seed0", 1.0)
+    _fake_run(tmp_path / "cmp" / "runs", "fisft+-/seed0", 0.0)
     done = subprocess.run(
         [
             sys.executable,
@@ -136,7 +139,7 @@ def test_cli_lengths_smoke(tmp_path: Path) -> None:
     )
     assert done.returncode == 0, done.stderr
     result = json.loads(done.stdout.strip().splitlines()[-1])
-    assert set(result["runs"]) == {"grpo-s0", "fisft+-s0"}
+    assert set(result["runs"]) == {"grpo/seed0", "fisft+-/seed0"}
     assert (tmp_path / "plots" / "weight_vs_length.png").is_file()
     bad = subprocess.run(
         [sys.executable, "-m", "rlino", "analyze", "lengths", str(tmp_path / "nothing")],
@@ -145,3 +148,29 @@ def test_cli_lengths_smoke(tmp_path: Path) -> None:
         timeout=120,
     )
     assert bad.returncode == 2 and "error:" in bad.stderr
+
+
+def test_run_arguments_compare_dir_label_dir_and_run(tmp_path: Path) -> None:
+    cmp = tmp_path / "cmp"
+    runs = cmp / "runs"
+    grpo = [_fake_run(runs, f"grpo/seed{seed}", 1.0) for seed in (0, 1, 10)]
+    fisft = _fake_run(runs, "fisft+-/seed0", 0.0)
+    alone = _fake_run(tmp_path / "single", "my-run", 0.0)
+    assert expand_run_dirs([cmp]) == [fisft, *grpo]  # no compare.json: by label, then seed
+    # `rlino analyze lengths cmp/runs/*`: each runs/LABEL stands for its seedN runs, by seed
+    assert expand_run_dirs(sorted(runs.iterdir())) == [fisft, *grpo]
+    assert expand_run_dirs([grpo[1], runs / "grpo", alone]) == [grpo[1], grpo[0], grpo[2], alone]
+    assert default_out(cmp, grpo[0]) == cmp / "lengths"
+    assert default_out(runs / "grpo", grpo[0]) == cmp / "lengths"
+    assert default_out(grpo[0], grpo[0]) == cmp / "lengths"
+    assert default_out(alone, alone) == tmp_path / "single" / "lengths"
+    names = set(analyze_lengths(expand_run_dirs([runs / "grpo", alone]), tmp_path / "o")["runs"])
+    assert names == {"grpo/seed0", "grpo/seed1", "grpo/seed10", "my-run"}
+    with pytest.raises(UserError, match="neither"):
+        expand_run_dirs([tmp_path])
+
+
+def test_old_flat_compare_layout_is_refused(tmp_path: Path) -> None:
+    _fake_run(tmp_path / "cmp" / "runs", "grpo-s0", 1.0)
+    with pytest.raises(UserError, match="old layout"):
+        expand_run_dirs([tmp_path / "cmp"])

@@ -15,7 +15,7 @@ from rlino.losses import (
     policy_loss,
     weighted_likelihood_loss,
 )
-from rlino.methods import MethodParams, resolve, weigh
+from rlino.methods import MethodParams, ScoredBatch, resolve, weigh
 
 # N = 2 samples, T = 3 token slots; sample 0 has 2 real tokens, sample 1 has 3.
 MASK = torch.tensor([[1, 1, 0], [1, 1, 1]], dtype=torch.bool)
@@ -76,6 +76,29 @@ def test_weighted_likelihood_values_and_gradients(
     loss.backward()
     assert loss.item() == pytest.approx(value)
     torch.testing.assert_close(logp.grad, torch.tensor(grad, dtype=torch.float64))
+
+
+def test_per_token_weights() -> None:
+    """(N, T) weights: a per-sample weight spread over the tokens gives the (N,) loss exactly, and a
+    hand-computed per-token case (seq-mean) holds, for both surrogates."""
+    logp = torch.tensor([[-1.0, -2.0, -7.0], [-0.5, -1.0, -1.5]], dtype=torch.float64)
+    per_sample = torch.tensor([2.0, -1.0], dtype=torch.float64)
+    spread = per_sample[:, None].expand(2, 3).clone()
+    for mode in ("seq-mean", "token-mean"):
+        a = weighted_likelihood_loss(logp, per_sample, MASK, mode)
+        b = weighted_likelihood_loss(logp, spread, MASK, mode)
+        assert a.item() == pytest.approx(b.item())
+    # sample 0: tokens weighted 1 and 3 -> (1*1 + 3*2) / 2 = 3.5; sample 1: -1 on its last token
+    # only -> -1.5 / 3 = -0.5; seq-mean: (3.5 - 0.5) / 2 = 1.5
+    w = torch.tensor([[1.0, 3.0, 50.0], [0.0, 0.0, -1.0]], dtype=torch.float64)
+    assert weighted_likelihood_loss(logp, w, MASK, "seq-mean").item() == pytest.approx(1.5)
+    x = logp.clone().requires_grad_(True)
+    loss, stats = clipped_surrogate_loss(x, logp, w, MASK, 0.2, "seq-mean")  # ratio 1
+    assert loss.item() == pytest.approx(-(1 * 1 + 3 * 1) / 2 / 2 - (-1.0) / 3 / 2)
+    params = MethodParams(name="fisft-grpo")
+    _, stats = policy_loss(*resolve(params), logp, MASK, w)
+    # logged per-sample weight: the mean over real tokens, (1 + 3) / 2 and -1 / 3
+    assert stats["weight_sum"] == pytest.approx(2.0 - 1 / 3)
 
 
 # ---- clipped surrogate ----------------------------------------------------------------------
@@ -194,7 +217,7 @@ def param_grads(model, loss: torch.Tensor) -> torch.Tensor:
 
 
 def test_grpo_gradient_equals_filtered_sft_gradient(tiny_random_model_dir: Path) -> None:
-    """beta 0, mu 1, seq-mean, ratio 1: GRPO's gradient IS fisft-grpo's (GUIDE.md section 1)."""
+    """beta 0, mu 1, seq-mean, ratio 1: GRPO's gradient IS fisft-grpo's (arXiv 2505.13697)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_random_model_dir)
@@ -210,7 +233,7 @@ def test_grpo_gradient_equals_filtered_sft_gradient(tiny_random_model_dir: Path)
 
     def grads(name: str, aggregation: str) -> torch.Tensor:
         method, params = resolve(MethodParams(name=name, aggregation=aggregation))
-        adv = weigh(method, params, rewards, correct)  # (P, G)
+        adv = weigh(method, params, ScoredBatch(rewards, correct))  # (P, G)
         logp, mask = completion_logp(model, tokenizer, prompt, completions)
         loss, stats = policy_loss(method, params, logp, mask, adv)  # old_logp None: ratio 1
         assert stats.get("clip_frac", 0.0) == 0.0

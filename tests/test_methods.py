@@ -1,4 +1,4 @@
-"""Methods as weightings: hand-computed advantages for every method, presets, validation."""
+"""Methods as weightings: hand-computed weights for every method, presets, validation."""
 
 from __future__ import annotations
 
@@ -10,11 +10,12 @@ import pytest
 import torch
 
 from rlino.errors import UserError
-from rlino.losses import group_stats, group_weight_sums
 from rlino.methods import (
     METHODS,
     Method,
     MethodParams,
+    ScoredBatch,
+    filtered_groups,
     get_method,
     method_names,
     register_method,
@@ -30,8 +31,20 @@ QUARTER_AND_SHAPED_CORRECT = QUARTER_AND_SHAPED == 1.0
 
 
 def advantages(name: str, rewards: torch.Tensor, **params: object) -> torch.Tensor:
+    """The (P, G) weights of method `name` when exactly the reward-1 samples are correct."""
     method, p = resolve(MethodParams(name=name, **params))  # type: ignore[arg-type]
-    return weigh(method, p, rewards, rewards == 1.0)
+    return weigh(method, p, ScoredBatch(rewards, rewards == 1.0))
+
+
+def padded(completions: list[tuple[int, ...]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids, mask) of right-padded token-id rows, as rollouts give them."""
+    width = max(len(c) for c in completions)
+    ids = torch.zeros(len(completions), width, dtype=torch.long)
+    mask = torch.zeros(len(completions), width, dtype=torch.bool)
+    for i, c in enumerate(completions):
+        ids[i, : len(c)] = torch.tensor(c)
+        mask[i, : len(c)] = True
+    return ids, mask
 
 
 def test_grpo_half_right_and_all_right_group() -> None:
@@ -103,11 +116,12 @@ def test_fisft_alpha_and_samples_at_the_mean() -> None:
 
 
 def test_raft_weights_correct_samples_only() -> None:
-    adv = weigh(*resolve(MethodParams(name="raft")), QUARTER_AND_SHAPED, QUARTER_AND_SHAPED_CORRECT)
+    batch = ScoredBatch(QUARTER_AND_SHAPED, QUARTER_AND_SHAPED_CORRECT)
+    adv = weigh(*resolve(MethodParams(name="raft")), batch)
     # the shaped 0.1 rewards are not correct: raft ignores reward shaping.
     torch.testing.assert_close(adv, torch.tensor([[1.0, 0.0, 0.0, 0.0], [1.0, 0.0, 0.0, 0.0]]))
     everything = torch.ones(2, 4)
-    adv = weigh(*resolve(MethodParams(name="raft")), everything, everything.bool())
+    adv = weigh(*resolve(MethodParams(name="raft")), ScoredBatch(everything, everything.bool()))
     assert adv.equal(everything)  # not group-relative: an all-right group still trains
 
 
@@ -118,32 +132,60 @@ def test_raft_dedup_counts_identical_correct_completions_once() -> None:
         (5, 6), (1,), (5, 6, 2), (1,), (3,),  # group 1: (5, 6) again, but in another group
     ]  # fmt: skip
     method, p = resolve(MethodParams(name="raft", dedup=True))
-    adv = weigh(method, p, rewards, rewards == 1.0, completions)
+    ids, mask = padded(completions)
+    adv = weigh(method, p, ScoredBatch(rewards, rewards == 1.0, ids, mask))
     expected = torch.tensor([[1.0, 0.0, 0.0, 1.0, 0.0], [1.0, 0.0, 1.0, 0.0, 0.0]])
     torch.testing.assert_close(adv, expected)
     with pytest.raises(ValueError, match="token ids"):
-        weigh(method, p, rewards, rewards == 1.0)
+        weigh(method, p, ScoredBatch(rewards, rewards == 1.0))
 
 
 def test_group_weight_sums_show_fisft_imbalance() -> None:
-    # GUIDE section 6: 1 right of 8, F-ISFT+- gives +0.5 once and -0.5 seven times: net -3;
-    # GRPO's standardised weights sum to 0 in every group.
+    # 1 right of 8: F-ISFT+- gives +0.5 once and -0.5 seven times, net -3; GRPO's standardised
+    # weights sum to 0 in every group. The all-right group is filtered: weight 0 under both.
     rewards = torch.tensor([[1.0] + [0.0] * 7, [1.0] * 8])
     fisft = advantages("fisft+-", rewards)
     grpo = advantages("grpo", rewards)
-    torch.testing.assert_close(group_weight_sums(fisft), torch.tensor([-3.0, 0.0]))
-    torch.testing.assert_close(group_weight_sums(grpo), torch.tensor([0.0, 0.0]))
-    stats = group_stats(rewards, rewards == 1.0, fisft)
-    assert stats["group/filtered_frac"] == 0.5
-    assert stats["group/all_correct_frac"] == 0.5
-    assert stats["group/all_wrong_frac"] == 0.0
-    assert stats["group/weight_sum_min"] == -3.0
+    torch.testing.assert_close(fisft.sum(dim=1), torch.tensor([-3.0, 0.0]))
+    torch.testing.assert_close(grpo.sum(dim=1), torch.tensor([0.0, 0.0]))
+    assert filtered_groups(rewards).tolist() == [False, True]
+    assert (fisft[1] == 0).all() and (grpo[1] == 0).all()
+
+
+def test_filtered_groups_tolerate_float_noise() -> None:
+    rewards = torch.tensor([[0.1, 0.1 + 1e-9, 0.1], [0.1, 0.2, 0.1], [0.0, 0.0, 0.0]])
+    assert filtered_groups(rewards).tolist() == [True, False, True]
 
 
 def test_weigh_checks_shapes() -> None:
     method, p = resolve(MethodParams())
     with pytest.raises(ValueError, match=r"\(P, G\)"):
-        weigh(method, p, torch.zeros(8), torch.zeros(8, dtype=torch.bool))
+        weigh(method, p, ScoredBatch(torch.zeros(8), torch.zeros(8, dtype=torch.bool)))
+
+
+def test_weigh_checks_what_a_method_returns() -> None:
+    def wrong_shape(batch, params, sampler):
+        return batch.rewards.reshape(-1)  # (N,) instead of (P, G)
+
+    def per_token(batch, params, sampler):
+        return batch.completion_mask.float()  # weight 1 on every real token
+
+    bad = Method(
+        "bad", "x", wrong_shape, surrogate="likelihood", uses_kl=False, group_relative=False
+    )
+    tokens = Method(
+        "tok", "x", per_token, surrogate="likelihood", uses_kl=False, group_relative=False,
+        per_token=True,
+    )  # fmt: skip
+    ids, mask = padded([(1, 2), (3,), (4, 5, 6), (7,)])
+    batch = ScoredBatch(torch.ones(2, 2), torch.ones(2, 2, dtype=torch.bool), ids, mask)
+    with pytest.raises(ValueError, match=r"must return \(P, G\)"):
+        weigh(bad, MethodParams(), batch)
+    assert weigh(tokens, MethodParams(), batch).equal(mask.float())  # (N, T)
+    with pytest.raises(ValueError, match="needs the completions' ids"):
+        weigh(tokens, MethodParams(), ScoredBatch(batch.rewards, batch.correct))
+    with pytest.raises(ValueError, match=r"must return \(N, T\) = \(4, 2\)"):
+        weigh(tokens, MethodParams(), ScoredBatch(batch.rewards, batch.correct, ids[:, :2], mask))
 
 
 def test_resolve_expands_presets() -> None:
@@ -164,8 +206,9 @@ def test_method_shapes_of_loss() -> None:
 
 
 def test_register_a_new_method_in_a_few_lines() -> None:
-    def best_of_group(rewards, correct, params, completions):
-        top = (rewards == rewards.max(dim=1, keepdim=True).values).float()  # (P, G)
+    def best_of_group(batch, params, sampler):
+        r = batch.rewards  # (P, G)
+        top = (r == r.max(dim=1, keepdim=True).values).float()  # (P, G)
         return top / top.sum(dim=1, keepdim=True)
 
     m = Method(

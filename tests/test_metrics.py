@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from rlino.metrics import mean_at_k, pass_at_k, summarize_at_k
+from rlino.metrics import mean_at_k, pass_at_k
 
 
 @pytest.mark.parametrize(
@@ -60,13 +60,3 @@ def test_invalid_arguments_raise(n: int, c: int, k: int) -> None:
         pass_at_k(n, c, k)
     with pytest.raises(ValueError):
         mean_at_k(n, c, k)
-
-
-def test_summarize_at_k_averages_over_problems() -> None:
-    problems = [[True, False, False, False], [False] * 4, [True] * 4]
-    summary = summarize_at_k(problems, [1, 2])
-    assert summary["pass@1"] == pytest.approx((0.25 + 0 + 1) / 3)
-    assert summary["pass@2"] == pytest.approx((0.5 + 0 + 1) / 3)
-    assert summary["mean@2"] == pytest.approx((0.25 + 0 + 1) / 3)
-    with pytest.raises(ValueError):
-        summarize_at_k([], [1])

@@ -13,9 +13,12 @@ import pytest
 import torch
 from test_train import tiny_config
 
-import rlino.train as rt
+from rlino.methods import weigh
 from rlino.policy import load_policy
 from rlino.precision import ComputeCopy, resolve_precision
+from rlino.setup import Setup, build
+from rlino.step import rollout
+from rlino.update import TokenBatch, update
 
 
 def test_resolve_precision() -> None:
@@ -50,13 +53,13 @@ def test_compute_copy_casts_keeps_ties_and_moves_gradients(tiny_random_model_dir
         assert master.grad.dtype == torch.float32 and bool((master.grad == 0.25 * step).all())
 
 
-def _setup_and_batch(model_dir: Path, **model: object) -> tuple[rt.Setup, rt.Scored, torch.Tensor]:
+def _setup_and_batch(model_dir: Path, **model: object) -> tuple[Setup, TokenBatch, torch.Tensor]:
     cfg = tiny_config(model_dir, "grpo", model=model, optim={"minibatch_size": 16, "lr": 1e-5})
-    setup = rt.build(cfg)
-    scored, _ = rt.sample_and_score(setup, 0)
-    advantages = setup.method.advantages(scored.rewards, scored.correct, setup.params, None)
-    assert (advantages != 0).any()
-    return setup, scored, advantages
+    setup = build(cfg)
+    scored = rollout(setup, 0)
+    weights = weigh(setup.method, setup.params, scored)
+    assert (weights != 0).any()
+    return setup, TokenBatch.from_rollouts(scored.rollouts, setup.policy.device), weights
 
 
 def _changed_fraction(before: list[torch.Tensor], model: torch.nn.Module) -> float:
@@ -71,40 +74,40 @@ def test_bf16_with_fp32_master_trains_where_bf16_weights_do_not(
 ) -> None:
     """One AdamW step at lr 1e-5: the fp32 master moves nearly every weight and the bf16 compute
     copy then holds exactly the rounded master; plain bf16 weights (master_dtype same) barely move."""
-    setup, scored, advantages = _setup_and_batch(tiny_random_model_dir, dtype="bf16")
+    setup, batch, weights = _setup_and_batch(tiny_random_model_dir, dtype="bf16")
     master, copy = setup.policy.model, setup.compute_copy
     assert copy is not None and setup.compute_policy is copy.policy
     assert {p.dtype for p in master.parameters()} == {torch.float32}
     before = [p.detach().clone() for p in master.parameters()]
     optimizer = torch.optim.AdamW(master.parameters(), lr=1e-5, weight_decay=0.0)
-    rt.update(setup, scored, advantages, optimizer)
+    update(setup, batch, weights, optimizer)
     assert _changed_fraction(before, master) > 0.9
     for cast, param in zip(copy.policy.model.parameters(), master.parameters(), strict=True):
         assert torch.equal(cast, param.detach().bfloat16())
         assert cast.grad is None
 
-    plain = rt.build(dataclasses.replace(setup.config, model=dataclasses.replace(
+    plain = build(dataclasses.replace(setup.config, model=dataclasses.replace(
         setup.config.model, master_dtype="same"
     )))  # fmt: skip
     assert plain.compute_copy is None
     assert {p.dtype for p in plain.policy.model.parameters()} == {torch.bfloat16}
     before = [p.detach().clone() for p in plain.policy.model.parameters()]
     optimizer = torch.optim.AdamW(plain.policy.model.parameters(), lr=1e-5, weight_decay=0.0)
-    rt.update(plain, scored, advantages, optimizer)
+    update(plain, batch, weights, optimizer)
     assert _changed_fraction(before, plain.policy.model) < 0.3
 
 
 def test_mixed_precision_gradient_is_close_to_fp32(tiny_random_model_dir: Path) -> None:
     """The same rollout batch: the fp32 master's gradient from bf16 arithmetic is the fp32
     gradient up to bf16 rounding."""
-    exact, scored, advantages = _setup_and_batch(tiny_random_model_dir, dtype="fp32")
-    mixed = rt.build(dataclasses.replace(exact.config, model=dataclasses.replace(
+    exact, batch, weights = _setup_and_batch(tiny_random_model_dir, dtype="fp32")
+    mixed = build(dataclasses.replace(exact.config, model=dataclasses.replace(
         exact.config.model, dtype="bf16"
     )))  # fmt: skip
 
-    def gradient(setup: rt.Setup) -> torch.Tensor:
+    def gradient(setup: Setup) -> torch.Tensor:
         model = setup.policy.model
-        rt.update(setup, scored, advantages, torch.optim.SGD(model.parameters(), lr=0.0))
+        update(setup, batch, weights, torch.optim.SGD(model.parameters(), lr=0.0))
         return torch.cat([p.grad.flatten() for p in model.parameters()])
 
     g32, g16 = gradient(exact), gradient(mixed)
@@ -124,9 +127,9 @@ def test_bad_master_dtype_is_a_user_error(tiny_random_model_dir: Path, value: st
 def test_fp16_loss_scaling_skips_overflowing_steps(tiny_random_model_dir: Path) -> None:
     """fp16 compute gets a loss scaler: a scale that makes the fp16 gradients overflow skips the
     step (weights unchanged, scale halved); a sane scale steps the fp32 master weights."""
-    setup, scored, advantages = _setup_and_batch(tiny_random_model_dir, dtype="fp16")
+    setup, batch, weights = _setup_and_batch(tiny_random_model_dir, dtype="fp16")
     assert setup.scaler is not None and setup.scaler.is_enabled()
-    assert not rt.build(dataclasses.replace(setup.config, model=dataclasses.replace(
+    assert not build(dataclasses.replace(setup.config, model=dataclasses.replace(
         setup.config.model, dtype="bf16"
     ))).scaler.is_enabled()  # fmt: skip
     master = setup.policy.model
@@ -134,13 +137,13 @@ def test_fp16_loss_scaling_skips_overflowing_steps(tiny_random_model_dir: Path) 
     before = [p.detach().clone() for p in master.parameters()]
 
     setup.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**100)
-    stats = rt.update(setup, scored, advantages, optimizer)
+    stats = update(setup, batch, weights, optimizer)
     assert stats["optim/skipped_steps"] == 1 and stats["grad_norm"] is None
     assert stats["optim/loss_scale"] == 2.0**99
     assert _changed_fraction(before, master) == 0
 
     setup.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
-    stats = rt.update(setup, scored, advantages, optimizer)
+    stats = update(setup, batch, weights, optimizer)
     assert stats["optim/skipped_steps"] == 0 and stats["grad_norm"] > 0
     assert _changed_fraction(before, master) > 0.9
     for cast, param in zip(

@@ -343,7 +343,7 @@ def test_lean_decoder_refuses_what_it_cannot_reproduce(tiny: Policy) -> None:
 
 def test_draw_follows_weights_and_never_picks_zeros() -> None:
     """Two-level inverse CDF over several blocks (and a padded last one): right frequencies."""
-    from rlino.rollout.sampler import DRAW_BLOCK, draw
+    from rlino.rollout.draw import DRAW_BLOCK, draw
 
     vocab, rows = 2 * DRAW_BLOCK + 37, 40_000
     weights = torch.rand(vocab, generator=torch.Generator().manual_seed(0)) ** 4
@@ -362,7 +362,7 @@ def test_streaming_softmax_draw_matches_the_softmax(
     monkeypatch: pytest.MonkeyPatch, chunk_blocks: int
 ) -> None:
     """Chunked draw (ragged last block): softmax frequencies, exact log-probs, `draw`'s tokens."""
-    from rlino.rollout import sampler
+    from rlino.rollout import draw as sampler
 
     monkeypatch.setattr(sampler, "SAMPLE_CHUNK", chunk_blocks * sampler.DRAW_BLOCK)
     vocab, rows, temperature = 5 * sampler.DRAW_BLOCK + 37, 40_000, 0.7

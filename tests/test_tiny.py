@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from rlino import tiny
+from rlino import resolve, tiny
 from rlino.tasks import get_task
 from rlino.tiny_corpus import TraceStyle, all_tries, trace
-from rlino.verify.arithmetic import check_equation, evaluate_expression
+from rlino.verify.countdown import check_equation, evaluate_expression
 
 SHIPPED = Path(tiny.__file__).parent / "assets" / "tiny-countdown"
 
@@ -88,9 +88,11 @@ def test_tokenizer_is_cheap_and_lossless(task) -> None:
 
 
 def test_task_settings(tmp_path: Path) -> None:
-    assert tiny.task_settings(tmp_path) is None
-    (tmp_path / tiny.TASK_FILE).write_text('{"task": "countdown", "template": "r1", "options": {}}')
-    assert tiny.task_settings(tmp_path) == {"task": "countdown", "template": "r1", "options": {}}
+    assert resolve.task_settings(tmp_path) is None
+    (tmp_path / resolve.TASK_FILE).write_text(
+        '{"task": "countdown", "template": "r1", "options": {}}'
+    )
+    assert resolve.task_settings(tmp_path) == {"task": "countdown", "template": "r1", "options": {}}
 
 
 @pytest.mark.parametrize(
@@ -145,9 +147,9 @@ def test_cli_pretrain_writes_a_plain_hf_model_dir(tmp_path: Path, task) -> None:
     result = _run("pretrain", "--out", str(out), "--steps", "3", "--batch-size", "8", "--quiet")
     assert result.returncode == 0, result.stderr
     assert "saved" in result.stdout
-    for name in ("config.json", "model.safetensors", "tokenizer.json", tiny.TASK_FILE):
+    for name in ("config.json", "model.safetensors", "tokenizer.json", resolve.TASK_FILE):
         assert (out / name).is_file()
-    settings = tiny.task_settings(out)
+    settings = resolve.task_settings(out)
     assert settings["task"] == "countdown" and settings["template"] == "r1"
     assert settings["options"]["max_number"] == tiny.DEFAULT_TASK_OPTIONS["max_number"]
     texts = _load_and_sample(out, [task.prompt(ex, "r1") for ex in task.examples("test")[:2]])
@@ -161,7 +163,7 @@ def test_cli_pretrain_writes_a_plain_hf_model_dir(tmp_path: Path, task) -> None:
 
 @pytest.mark.slow
 def test_shipped_model_answers_in_format_without_rlino() -> None:
-    settings = tiny.task_settings(SHIPPED)
+    settings = resolve.task_settings(SHIPPED)
     assert settings is not None and settings["task"] == "countdown"
     shipped_task = get_task("countdown", **settings["options"])
     examples = shipped_task.examples("test")[:6]

@@ -20,7 +20,8 @@ from toy_tasks import letter_task
 
 from rlino.config import load_config
 from rlino.errors import UserError
-from rlino.train import prompt_order, train
+from rlino.step import prompt_order
+from rlino.train import train
 
 # A toy user task: any completion with an "a" in it is right.
 letter_task("contains-a", "a", train=64, test=8, question="item")
@@ -146,7 +147,7 @@ def test_prompt_order_is_a_function_of_seed_and_iteration() -> None:
 
 def test_token_slices_respect_rows_and_token_budget() -> None:
     """Micro-batches: consecutive, complete, within both caps; an oversize row stands alone."""
-    from rlino.train import _token_slices
+    from rlino.update import MicroBatching, TokenBatch, micro_slices
 
     start = 4  # 4 prompt columns, then completions (left-padded prompts, right-padded completions)
     prompt_lens, completion_lens = [2, 4, 3, 1, 4, 2, 2], [5, 1, 6, 30, 2, 2, 3]
@@ -156,7 +157,8 @@ def test_token_slices_respect_rows_and_token_budget() -> None:
         attn[i, start - p : start] = True
         attn[i, start : start + c] = True
     rows = torch.arange(len(prompt_lens))
-    slices = list(_token_slices(rows, attn, start, max_rows=3, max_tokens=20))
+    batch = TokenBatch(torch.zeros_like(attn, dtype=torch.long), attn, attn[:, start:], start)
+    slices = list(micro_slices(batch, rows, MicroBatching(max_rows=3, max_tokens=20)))
     assert torch.equal(torch.cat(slices), rows)
     for piece in slices:
         size = len(piece) * (
@@ -164,7 +166,8 @@ def test_token_slices_respect_rows_and_token_budget() -> None:
         )
         assert len(piece) <= 3 and (size <= 20 or len(piece) == 1)
     assert [len(piece) for piece in slices] == [2, 1, 1, 2, 1]  # row 3 (31 tokens) alone
-    assert [len(p) for p in _token_slices(rows, attn, start, 4, 0)] == [4, 3]  # 0 = no token cap
+    no_cap = micro_slices(batch, rows, MicroBatching(4, 0))  # 0 = no token cap
+    assert [len(p) for p in no_cap] == [4, 3]
 
 
 def test_micro_batching_and_checkpointing_keep_the_gradient(tiny_random_model_dir: Path) -> None:
@@ -172,14 +175,18 @@ def test_micro_batching_and_checkpointing_keep_the_gradient(tiny_random_model_di
     gradient. Gradient accumulation must be exact, whatever the memory knobs say."""
     import dataclasses
 
-    import rlino.train as rt
+    from rlino.methods import weigh
     from rlino.policy import set_activation_checkpointing
+    from rlino.setup import build
+    from rlino.step import rollout
+    from rlino.update import TokenBatch, update
 
     base = tiny_config(tiny_random_model_dir, "grpo", optim={"minibatch_size": 16})
-    setup = rt.build(base)
-    scored, _ = rt.sample_and_score(setup, 0)
-    advantages = setup.method.advantages(scored.rewards, scored.correct, setup.params, None)
-    assert (advantages != 0).any()
+    setup = build(base)
+    scored = rollout(setup, 0)
+    weights = weigh(setup.method, setup.params, scored)
+    assert (weights != 0).any()
+    batch = TokenBatch.from_rollouts(scored.rollouts, setup.policy.device)
     start = {k: v.clone() for k, v in setup.policy.model.state_dict().items()}
 
     def gradient(**optim: object) -> list[torch.Tensor]:
@@ -192,7 +199,7 @@ def test_micro_batching_and_checkpointing_keep_the_gradient(tiny_random_model_di
             active = model.is_gradient_checkpointing
         assert active == config.optim.gradient_checkpointing
         optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
-        rt.update(dataclasses.replace(setup, config=config), scored, advantages, optimizer)
+        update(dataclasses.replace(setup, config=config), batch, weights, optimizer)
         set_activation_checkpointing(model, False)
         return [p.grad.clone() for p in model.parameters()]
 

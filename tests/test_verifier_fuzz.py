@@ -15,8 +15,8 @@ from hypothesis import strategies as st
 
 from rlino.tasks.countdown import CountdownTask
 from rlino.tasks.gsm8k import GSM8KTask
-from rlino.verify.arithmetic import evaluate_expression, extract_answer_block
-from rlino.verify.numbers import find_answer, gold_from_solution, parse_number
+from rlino.verify.countdown import evaluate_expression, extract_answer_block
+from rlino.verify.gsm8k import find_answer, gold_from_solution, parse_number
 
 LIMIT_S = 0.010
 GSM8K = GSM8KTask()

@@ -12,12 +12,14 @@ config shared by every run::
     train:                          # a TrainConfig mapping (method and seed are set per run)
       iterations: 40
 
-Run `LABEL-sSEED` trains with the shared config, `method:` replaced by that entry's params and
+Run `LABEL/seedN` trains with the shared config, `method:` replaced by that entry's params and
 `seed:` by the seed. The train loop's prompt order and sampling seeds are functions of (seed,
 iteration), so every method sees the same prompts for the same seed. Runs live in
-`OUT/runs/LABEL-sSEED/`; a run with `final/` is skipped, one with a checkpoint resumes, and a
-partial one without a checkpoint restarts from scratch. `OUT/compare.json` records the spec;
-report.md, summary.json and the plots are (re)written at the end (`write_report`).
+`OUT/runs/LABEL/seedN/` (so `fisft+/seed0` and `fisft+-/seed0` cannot be misread); a run with
+`final/` is skipped, one with a checkpoint resumes, and a partial one without a checkpoint restarts
+from scratch. An `OUT/runs/` of the earlier flat layout (`LABEL-sSEED/`) is refused, not mixed in.
+`OUT/compare.json` records the spec; report.md, summary.json and the plots are (re)written at the
+end (`write_report`).
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ from typing import Any
 
 import yaml
 
-from rlino.analysis.report import WALL_TIME_FILE, write_report
+from rlino.analysis.report import WALL_TIME_FILE, check_layout, run_name, write_report
 from rlino.config import (
     TrainConfig,
     deep_merge,
@@ -54,7 +56,7 @@ IGNORED_WHEN_RESUMING = ("threads", "tensorboard", "model.device", "eval.batch_s
 
 @dataclass
 class MethodEntry:
-    """One column of the grid: a label (the run-name prefix) and its MethodParams fields."""
+    """One column of the grid: a label (its runs are `runs/LABEL/seedN`) and MethodParams fields."""
 
     label: str
     params: dict[str, Any]
@@ -74,13 +76,8 @@ class CompareSpec:
     title: str = "rlino comparison"
 
     def run_names(self) -> list[str]:
-        """`LABEL-sSEED` for every run, methods outer, seeds inner."""
+        """`LABEL/seedN` for every run, methods outer, seeds inner."""
         return [run_name(m.label, s) for m in self.methods for s in self.seeds]
-
-
-def run_name(label: str, seed: int) -> str:
-    """The run directory name of (label, seed)."""
-    return f"{label}-s{seed}"
 
 
 def _default_label(params: dict[str, Any]) -> str:
@@ -101,6 +98,10 @@ def parse_method(item: Any) -> MethodEntry:
         label = str(item.get("label") or _default_label(params))
     else:
         raise UserError(f"a method entry is a name or a mapping, got {item!r}")
+    if "/" in label:
+        raise UserError(
+            f"method label {label!r} cannot hold '/': it names the directory runs/LABEL"
+        )
     known = {f.name for f in fields(MethodParams)}
     if unknown := sorted(set(params) - known):
         raise UserError(
@@ -271,6 +272,7 @@ def run_compare(
     out_dir = Path(out_dir)
     runs = [(entry, seed) for entry in spec.methods for seed in spec.seeds]
     configs = {run_name(e.label, s): run_config(spec, e, s) for e, s in runs}
+    check_layout(out_dir / "runs")
     for name, config in configs.items():
         if diff := config_mismatch(config, out_dir / "runs" / name):
             raise UserError(

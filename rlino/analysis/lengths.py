@@ -16,7 +16,7 @@ training on negatives at all, is separated by comparing F-ISFT+ with F-ISFT+- un
 (`configs/compare-length-ablation.yaml`).
 
 `analyze_lengths(run_dirs, out_dir)` reads runs' metrics.jsonl and samples.jsonl and writes tables
-(returned as a dict) and plots.
+(returned as a dict) and plots. A run of a comparison (`runs/LABEL/seedN`) is named `LABEL/seedN`.
 """
 
 from __future__ import annotations
@@ -28,6 +28,8 @@ from typing import Any
 
 import yaml
 
+from rlino.analysis.report import SEED_DIR, parse_run_dir, run_name
+from rlino.analysis.report import run_dirs as comparison_runs
 from rlino.errors import UserError
 from rlino.runlog import read_jsonl
 
@@ -37,7 +39,7 @@ AGGREGATIONS = ("seq-mean", "token-mean", "constant")
 
 
 def token_weights(
-    advantages: Sequence[float],
+    weights: Sequence[float],
     lengths: Sequence[int],
     aggregation: str,
     constant_length: int | None = None,
@@ -47,43 +49,43 @@ def token_weights(
     That is -d loss / d log pi(o_it) for the weighted likelihood (and for GRPO's clipped surrogate
     at ratio 1, where it is the same gradient). One value per sample; all its tokens share it.
     """
-    if len(advantages) != len(lengths):
-        raise ValueError(f"{len(advantages)} advantages for {len(lengths)} lengths")
+    if len(weights) != len(lengths):
+        raise ValueError(f"{len(weights)} weights for {len(lengths)} lengths")
     if any(n < 1 for n in lengths):
         raise ValueError("every sample needs at least one token")
     n = len(lengths)
     if aggregation == "seq-mean":
-        return [a / (n * length) for a, length in zip(advantages, lengths, strict=True)]
+        return [a / (n * length) for a, length in zip(weights, lengths, strict=True)]
     if aggregation == "token-mean":
         total = sum(lengths)
-        return [a / total for a in advantages]
+        return [a / total for a in weights]
     if aggregation == "constant":
         if constant_length is None or constant_length < 1:
             raise ValueError("aggregation 'constant' needs constant_length >= 1")
-        return [a / (n * constant_length) for a in advantages]
+        return [a / (n * constant_length) for a in weights]
     raise ValueError(f"unknown aggregation {aggregation!r}; known: {', '.join(AGGREGATIONS)}")
 
 
 def weight_vs_length(
-    advantage: float,
+    weight: float,
     lengths: Sequence[int],
     aggregation: str,
     *,
     mean_length: float,
     constant_length: int,
 ) -> list[float]:
-    """Per-token weight (times N) of one sample with `advantage`, as a function of its length.
+    """Per-token weight (times N) of one sample of weight `weight` (A), as a function of its length.
 
     The sample sits in a large batch whose mean length is `mean_length`, so its own length barely
     moves the token-mean normaliser: seq-mean gives A / L, token-mean A / mean_length, constant
     A / C. Multiplying by N keeps the numbers batch-size free.
     """
     if aggregation == "seq-mean":
-        return [advantage / length for length in lengths]
+        return [weight / length for length in lengths]
     if aggregation == "token-mean":
-        return [advantage / mean_length for _ in lengths]
+        return [weight / mean_length for _ in lengths]
     if aggregation == "constant":
-        return [advantage / constant_length for _ in lengths]
+        return [weight / constant_length for _ in lengths]
     raise ValueError(f"unknown aggregation {aggregation!r}; known: {', '.join(AGGREGATIONS)}")
 
 
@@ -171,6 +173,11 @@ def _table_lengths(cap: int) -> list[int]:
     return out if out[-1] == cap else [*out, cap]
 
 
+def display_name(run_dir: Path) -> str:
+    """`grpo/seed0` for a run of a comparison (`runs/grpo/seed0`), else the directory's name."""
+    return run_name(*parse_run_dir(run_dir)) if SEED_DIR.match(run_dir.name) else run_dir.name
+
+
 def _curve(points: list[tuple[int, float]]) -> dict[str, list[float]]:
     return {
         "iteration": [float(i) for i, _ in points],
@@ -190,7 +197,7 @@ def analyze_lengths(
     weight of a wrong answer under each aggregation, for a group with `wrong_fraction_correct`
     of its samples right).
     """
-    from rlino.analysis.plots import correct_vs_wrong_plot, histogram_plot, xy_plot
+    from rlino.analysis.plots import correct_vs_wrong_plot, histogram_plot
 
     if not run_dirs:
         raise UserError("give at least one run directory")
@@ -202,7 +209,7 @@ def analyze_lengths(
         run_dir = Path(run_dir)
         if not (run_dir / "metrics.jsonl").is_file():
             raise UserError(f"{run_dir} has no metrics.jsonl (not a run directory)")
-        name = run_dir.name
+        name = display_name(run_dir)
         rows = read_jsonl(run_dir / "metrics.jsonl")
         series = length_series(rows)
         samples = sample_lengths(read_jsonl(run_dir / "samples.jsonl"))
@@ -242,43 +249,59 @@ def analyze_lengths(
         ),
     ]
     mean_length = sum(mean_lengths) / len(mean_lengths) if mean_lengths else 60.0
-    cap = max(caps)
-    a_wrong = grpo_wrong_advantage(wrong_fraction_correct)
+    plot, mechanism = weight_mechanism(
+        grpo_wrong_advantage(wrong_fraction_correct), mean_length, max(caps), out_dir
+    )
+    return {"runs": runs, "mechanism": mechanism, "plots": [str(p) for p in [*plots, plot]]}
+
+
+def weight_mechanism(
+    a_wrong: float, mean_length: float, cap: int, out_dir: Path
+) -> tuple[Path, dict[str, Any]]:
+    """The per-token weight of a wrong answer vs its length under each aggregation: plot and table."""
+    from rlino.analysis.plots import xy_plot
+
     lengths = list(range(1, cap + 1))
     mechanism = {
         agg: weight_vs_length(a_wrong, lengths, agg, mean_length=mean_length, constant_length=cap)
         for agg in AGGREGATIONS
     }
-    plots.append(
-        xy_plot(
-            {agg: (lengths, [abs(w) for w in ws]) for agg, ws in mechanism.items()},
-            out_dir / "weight_vs_length.png",
-            title=(
-                "Per-token push-down of a wrong answer\n"
-                f"(A- = {a_wrong:.2f}, batch mean length {mean_length:.0f}, C = {cap})"
-            ),
-            xlabel="length of the wrong answer (tokens)",
-            ylabel="|per-token weight| x N",
-            logy=True,
-        )
+    plot = xy_plot(
+        {agg: (lengths, [abs(w) for w in ws]) for agg, ws in mechanism.items()},
+        out_dir / "weight_vs_length.png",
+        title=(
+            "Per-token push-down of a wrong answer\n"
+            f"(A- = {a_wrong:.2f}, batch mean length {mean_length:.0f}, C = {cap})"
+        ),
+        xlabel="length of the wrong answer (tokens)",
+        ylabel="|per-token weight| x N",
+        logy=True,
     )
-    return {
-        "runs": runs,
-        "mechanism": {
-            "advantage_wrong": a_wrong,
-            "mean_length": mean_length,
-            "constant_length": cap,
-            "per_token_weight_at": {
-                agg: {str(length): mechanism[agg][length - 1] for length in _table_lengths(cap)}
-                for agg in AGGREGATIONS
-            },
+    return plot, {
+        "advantage_wrong": a_wrong,
+        "mean_length": mean_length,
+        "constant_length": cap,
+        "per_token_weight_at": {
+            agg: {str(length): mechanism[agg][length - 1] for length in _table_lengths(cap)}
+            for agg in AGGREGATIONS
         },
-        "plots": [str(p) for p in plots],
     }
 
 
+def _seed_runs(label_dir: Path) -> list[Path]:
+    """The `seedN` runs (with metrics) in a comparison's `runs/LABEL` directory, by seed."""
+    found = [
+        d for d in label_dir.iterdir() if SEED_DIR.match(d.name) and (d / "metrics.jsonl").is_file()
+    ]
+    return sorted(found, key=lambda d: parse_run_dir(d)[1])
+
+
 def expand_run_dirs(paths: Sequence[str | Path]) -> list[Path]:
-    """Run directories from the arguments; a `rlino compare` directory stands for all its runs."""
+    """Run directories from the arguments, each at most once.
+
+    An argument is a run directory, a comparison's `runs/LABEL` directory (its `seedN` runs), or
+    a `rlino compare` directory (all its runs, in the comparison's order).
+    """
     dirs: list[Path] = []
     for p in map(Path, paths):
         if not p.is_dir():
@@ -286,12 +309,30 @@ def expand_run_dirs(paths: Sequence[str | Path]) -> list[Path]:
         if (p / "metrics.jsonl").is_file():
             dirs.append(p)
         elif (p / "runs").is_dir():
-            dirs += sorted(d for d in (p / "runs").iterdir() if (d / "metrics.jsonl").is_file())
+            dirs += comparison_runs(p)
+        elif seeds := _seed_runs(p):
+            dirs += seeds
         else:
-            raise UserError(f"{p} is neither a run directory nor a `rlino compare` directory")
+            raise UserError(
+                f"{p} is neither a run directory, a comparison's runs/LABEL directory "
+                "nor a `rlino compare` directory"
+            )
     if not dirs:
         raise UserError("no runs with metrics.jsonl found")
-    return dirs
+    return list(dict.fromkeys(dirs))
+
+
+def default_out(first: Path, first_run: Path) -> Path:
+    """Where plots go without --out: the comparison's `lengths/`, or `lengths/` beside the run.
+
+    A comparison's plots go beside its `runs/`, not inside, so a later `runs/*` glob skips them.
+    """
+    if (first / "runs").is_dir():
+        return first / "lengths"
+    label_dir = first_run.parent
+    if SEED_DIR.match(first_run.name) and label_dir.parent.name == "runs":
+        return label_dir.parent.parent / "lengths"
+    return label_dir / "lengths"
 
 
 def _num(value: Any, digits: int = 1) -> str:
@@ -301,8 +342,8 @@ def _num(value: Any, digits: int = 1) -> str:
 def lengths_command(*, run_dirs: list[str], out: str | None, json_out: bool) -> dict[str, Any]:
     """Body of `rlino analyze lengths`: tables on the console, plots in --out.
 
-    The default --out is `lengths/` inside the first argument when it is a comparison directory,
-    else beside the first run.
+    The default --out is the comparison's `lengths/` when the runs belong to one, else `lengths/`
+    beside the first run (`default_out`).
     """
     import json
 
@@ -310,9 +351,7 @@ def lengths_command(*, run_dirs: list[str], out: str | None, json_out: bool) -> 
     from rich.table import Table
 
     dirs = expand_run_dirs(run_dirs)
-    first = Path(run_dirs[0])
-    default = first / "lengths" if (first / "runs").is_dir() else dirs[0].parent / "lengths"
-    out_dir = Path(out) if out else default
+    out_dir = Path(out) if out else default_out(Path(run_dirs[0]), dirs[0])
     result = analyze_lengths(dirs, out_dir)
     console = Console()
     for name, run in result["runs"].items():

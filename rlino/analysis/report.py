@@ -1,13 +1,12 @@
 """Comparison reports: per-run summaries, statistics over seeds, `report.md` and `summary.json`.
 
-A comparison directory holds one run per (method, seed) under `runs/LABEL-sSEED/` (see
+A comparison directory holds one run per (method, seed) under `runs/LABEL/seedN/` (see
 `rlino.analysis.compare`). Everything here reads only what the runs wrote (`config.yaml`,
 `metrics.jsonl`, `wall_time.json`), so `write_report(out_dir)` can regenerate the report and the
 plots at any time, also while some runs are still missing.
 
-Statistics are over seeds: mean, sample standard deviation (n - 1) and a two-sided confidence
-interval from Student's t distribution (exact t quantiles for integer degrees of freedom; no
-SciPy needed). With a single seed there is no spread, and the report says n=1.
+Statistics are over seeds (`rlino.analysis.seed_stats`): mean, sample standard deviation and a
+95% Student's t interval; with a single seed there is no spread, and the report says n=1.
 """
 
 from __future__ import annotations
@@ -20,100 +19,16 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from rlino.analysis.seed_stats import SeedStats, seed_stats
 from rlino.errors import UserError
 from rlino.runlog import read_jsonl
 
-RUN_NAME = re.compile(r"^(?P<label>.+)-s(?P<seed>-?\d+)$")
-"""Run directories are named LABEL-sSEED."""
+SEED_DIR = re.compile(r"^seed(?P<seed>-?\d+)$")
+"""A run directory is `runs/LABEL/seedN`: the `/` keeps a label ending in `-` apart from the seed."""
+OLD_RUN_DIR = re.compile(r"^.+-s-?\d+$")
+"""The earlier flat layout, `runs/LABEL-sSEED`: there `fisft+-s0` (F-ISFT+, seed 0) read as F-ISFT+-."""
 WALL_TIME_FILE = "wall_time.json"
 """Written by `run_compare` beside each run: seconds spent in train() over all invocations."""
-
-# ---------------------------------------------------------------- statistics
-
-
-def t_two_sided_coverage(t: float, df: int) -> float:
-    """P(|T| <= t) for Student's t with integer `df` >= 1 (closed form, Abramowitz-Stegun 26.7).
-
-    With theta = atan(t / sqrt(df)): odd df sums odd powers of cos(theta) on top of theta, even df
-    sums even powers; both series are finite, so the value is exact up to float rounding.
-    """
-    if df < 1:
-        raise ValueError(f"degrees of freedom must be >= 1, got {df}")
-    if t <= 0:
-        return 0.0
-    theta = math.atan(t / math.sqrt(df))
-    s, c = math.sin(theta), math.cos(theta)
-    if df % 2 == 1:
-        total, term = 0.0, c
-        for k in range(1, (df - 1) // 2 + 1):
-            if k > 1:
-                term *= c * c * (2 * k - 2) / (2 * k - 1)
-            total += term
-        return (2.0 / math.pi) * (theta + s * total)
-    total, term = 1.0, 1.0
-    for k in range(1, df // 2):
-        term *= c * c * (2 * k - 1) / (2 * k)
-        total += term
-    return s * total
-
-
-def t_quantile(confidence: float, df: int) -> float:
-    """The t with P(|T| <= t) = `confidence` (e.g. 0.95 -> 12.706 for df 1, 2.776 for df 4)."""
-    if not 0.0 < confidence < 1.0:
-        raise ValueError(f"confidence must be in (0, 1), got {confidence}")
-    lo, hi = 0.0, 1.0
-    while t_two_sided_coverage(hi, df) < confidence:
-        hi *= 2.0
-    for _ in range(200):
-        mid = 0.5 * (lo + hi)
-        if t_two_sided_coverage(mid, df) < confidence:
-            lo = mid
-        else:
-            hi = mid
-        if hi - lo < 1e-12 * max(1.0, hi):
-            break
-    return 0.5 * (lo + hi)
-
-
-@dataclass(frozen=True)
-class SeedStats:
-    """Mean, spread and confidence interval of one number over n seeds."""
-
-    n: int
-    mean: float
-    std: float | None
-    """sample standard deviation (n - 1); None for n = 1"""
-    ci_low: float | None
-    ci_high: float | None
-    """two-sided t interval for the mean; None for n = 1"""
-    confidence: float = 0.95
-
-    def text(self, digits: int = 1, scale: float = 1.0) -> str:
-        """`mean ± std [lo, hi]`, or `mean (n=1)`; values multiplied by `scale` (100 for %)."""
-        mean = f"{self.mean * scale:.{digits}f}"
-        if self.std is None or self.ci_low is None or self.ci_high is None:
-            return f"{mean} (n=1)"
-        return (
-            f"{mean} ± {self.std * scale:.{digits}f} "
-            f"[{self.ci_low * scale:.{digits}f}, {self.ci_high * scale:.{digits}f}]"
-        )
-
-
-def seed_stats(values: Sequence[float], confidence: float = 0.95) -> SeedStats | None:
-    """Statistics of `values` (one per seed): None when there are none."""
-    xs = [float(v) for v in values]
-    n = len(xs)
-    if n == 0:
-        return None
-    mean = sum(xs) / n
-    if n == 1:
-        return SeedStats(1, mean, None, None, None, confidence)
-    std = math.sqrt(sum((x - mean) ** 2 for x in xs) / (n - 1))
-    half = t_quantile(confidence, n - 1) * std / math.sqrt(n)
-    return SeedStats(n, mean, std, mean - half, mean + half, confidence)
-
-
-# ---------------------------------------------------------------- one run
 
 
 @dataclass
@@ -189,17 +104,36 @@ def summarize_rows(rows: list[dict[str, Any]], label: str, seed: int, finished: 
     )
 
 
-def parse_run_name(name: str) -> tuple[str, int]:
-    """`grpo-token-mean-s2` -> ("grpo-token-mean", 2)."""
-    match = RUN_NAME.match(name)
+def run_name(label: str, seed: int) -> str:
+    """The run of (label, seed) as a path under `runs/`: `fisft+-/seed0`."""
+    return f"{label}/seed{seed}"
+
+
+def parse_run_dir(run_dir: Path) -> tuple[str, int]:
+    """`.../runs/grpo-token-mean/seed2` -> ("grpo-token-mean", 2)."""
+    match = SEED_DIR.match(run_dir.name)
     if match is None:
-        raise UserError(f"run directory {name!r} is not named LABEL-sSEED")
-    return match["label"], int(match["seed"])
+        raise UserError(f"run directory {run_dir} is not named LABEL/seedN")
+    return run_dir.parent.name, int(match["seed"])
+
+
+def check_layout(runs: Path) -> None:
+    """Refuse a `runs/` that holds runs of the old flat layout instead of mixing the two."""
+    if not runs.is_dir():
+        return
+    for child in sorted(runs.iterdir()):
+        is_run = (child / "config.yaml").is_file() or (child / "metrics.jsonl").is_file()
+        if OLD_RUN_DIR.match(child.name) and is_run:
+            raise UserError(
+                f"{child} is a run of the old layout runs/LABEL-sSEED; runs now live in "
+                f"runs/LABEL/seedN: use a new output directory or move it to "
+                f"{runs}/LABEL/seedN"
+            )
 
 
 def summarize_run(run_dir: Path) -> RunSummary:
-    """Read one run directory (`LABEL-sSEED/`) into a RunSummary."""
-    label, seed = parse_run_name(run_dir.name)
+    """Read one run directory (`runs/LABEL/seedN/`) into a RunSummary."""
+    label, seed = parse_run_dir(run_dir)
     summary = summarize_rows(
         read_jsonl(run_dir / "metrics.jsonl"), label, seed, (run_dir / "final").is_dir()
     )
@@ -355,13 +289,23 @@ def run_dirs(out_dir: Path) -> list[Path]:
     runs = out_dir / "runs"
     if not runs.is_dir():
         raise UserError(f"{out_dir} holds no runs/ directory (not a `rlino compare` output)")
-    found = [p for p in runs.iterdir() if p.is_dir() and (p / "metrics.jsonl").is_file()]
+    check_layout(runs)
+    found = [
+        p
+        for p in runs.glob("*/seed*")
+        if SEED_DIR.match(p.name) and (p / "metrics.jsonl").is_file()
+    ]
     order: list[str] = []
     spec_file = out_dir / "compare.json"
     if spec_file.is_file():
         order = json.loads(spec_file.read_text()).get("run_names", [])
     rank = {name: i for i, name in enumerate(order)}
-    return sorted(found, key=lambda p: (rank.get(p.name, len(rank)), p.name))
+
+    def key(path: Path) -> tuple[int, str, int]:
+        label, seed = parse_run_dir(path)
+        return rank.get(run_name(label, seed), len(rank)), label, seed
+
+    return sorted(found, key=key)
 
 
 def write_report(out_dir: Path, title: str = "rlino comparison") -> dict[str, Any]:
@@ -373,7 +317,7 @@ def write_report(out_dir: Path, title: str = "rlino comparison") -> dict[str, An
     if not dirs:
         raise UserError(f"no runs with metrics under {out_dir / 'runs'} yet")
     summaries = [summarize_run(d) for d in dirs]
-    rows_by_run = {parse_run_name(d.name): read_jsonl(d / "metrics.jsonl") for d in dirs}
+    rows_by_run = {parse_run_dir(d): read_jsonl(d / "metrics.jsonl") for d in dirs}
     table = method_table(summaries)
     plot_curves = {
         key: curves(rows_by_run, key)

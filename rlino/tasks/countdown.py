@@ -8,7 +8,7 @@ depend on `train_size`. With `path`, instances are read instead (JSONL/parquet f
 or a Hugging Face dataset id) in TinyZero's schema (`nums`, `target`) or ours (`numbers`,
 `target`); a source without a test split is split by a fixed seeded shuffle.
 
-Scoring reads the last `<answer>` block with the safe parser of `rlino.verify.arithmetic`:
+Scoring reads the last `<answer>` block with the safe parser of `rlino.verify.countdown`:
 `correct_reward` when right, `format_reward` when a block is present but wrong, 0 without a block.
 """
 
@@ -23,8 +23,15 @@ from typing import Any
 from rlino.errors import UserError
 from rlino.tasks import register_task
 from rlino.tasks.base import Example, Score, Task
-from rlino.tasks.records import Record, is_local, load_hub, read_file, split_files
-from rlino.verify.arithmetic import check_equation, extract_answer_block
+from rlino.tasks.records import (
+    DATA_SUFFIXES,
+    Record,
+    is_local,
+    load_hub,
+    read_file,
+    split_files,
+)
+from rlino.verify.countdown import check_equation, extract_answer_block
 
 MIN_NUMBERS, MAX_NUMBERS = 2, 6
 _PRECEDENCE = {"+": 1, "-": 1, "*": 2, "/": 2}
@@ -290,7 +297,7 @@ class CountdownTask(Task):
 
     def _read(self, path: str) -> dict[str, list[Record]]:
         if not is_local(path):
-            if path.startswith((".", "/", "~")) or path.endswith((".jsonl", ".parquet")):
+            if path.startswith((".", "/", "~")) or path.endswith(DATA_SUFFIXES):
                 raise UserError(f"countdown path {path} does not exist")
             return load_hub(path, None, None)
         local = Path(path).expanduser()

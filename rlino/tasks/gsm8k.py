@@ -1,10 +1,11 @@
 """GSM8K: grade-school math word problems with a numeric answer after `####`.
 
-Data comes from a local directory (`train.jsonl`, `test.jsonl`, fields `question`/`answer`), a
-single JSONL file (used for every split), or a Hugging Face dataset id (`openai/gsm8k`, config
-`main`).
+Data comes from the copy shipped in `rlino/data/gsm8k/` (MIT, from openai/grade-school-math;
+7473 train and 1319 test problems, gzipped JSONL) unless a `path` is given: a local directory
+(`train.jsonl`, `test.jsonl`, optionally `.gz`; fields `question`/`answer`), a single JSONL file
+(used for every split), or a Hugging Face dataset id (`openai/gsm8k`, config `main`).
 Nothing is read until `examples()` is called, so scoring (e.g. `rlino grade`) never touches data.
-The verifier is `rlino.verify.numbers`: extraction rules and number normalisation are listed there.
+The verifier is `rlino.verify.gsm8k`: extraction rules and number normalisation are listed there.
 """
 
 from __future__ import annotations
@@ -16,13 +17,24 @@ from typing import Any
 from rlino.errors import UserError
 from rlino.tasks import register_task
 from rlino.tasks.base import Example, Score, Task
-from rlino.tasks.records import Record, is_local, load_hub, read_file, split_files
-from rlino.verify.numbers import answers_equal, find_answer, format_number, gold_from_solution
+from rlino.tasks.records import (
+    DATA_SUFFIXES,
+    Record,
+    is_local,
+    load_hub,
+    read_file,
+    split_files,
+)
+from rlino.verify.gsm8k import answers_equal, find_answer, format_number, gold_from_solution
 
-DEFAULT_DATASET = "openai/gsm8k"
+SHIPPED_DIR = Path(__file__).resolve().parents[1] / "data" / "gsm8k"
+"""The GSM8K copy shipped with rlino: train.jsonl.gz, test.jsonl.gz, LICENSE."""
+HUB_DATASET = "openai/gsm8k"
 ENV_VAR = "RLINO_GSM8K"
 _HOW_TO_FIX = (
-    f"pass a local directory with train.jsonl/test.jsonl via --data DIR (or set {ENV_VAR}=DIR)"
+    "--data takes a directory with train.jsonl/test.jsonl (optionally .gz), a JSONL file or a "
+    f"Hugging Face dataset id such as {HUB_DATASET}; without it (or ${ENV_VAR}) rlino's own "
+    "copy is used"
 )
 
 
@@ -34,7 +46,7 @@ class GSM8KTask(Task):
 
     def __init__(self, path: str | None = None, format_bonus: float = 0.0) -> None:
         self.path = path
-        """Local dir / JSONL file / HF dataset id; None means $RLINO_GSM8K, else openai/gsm8k."""
+        """Local dir / JSONL file / HF dataset id; None: $RLINO_GSM8K, else the shipped copy."""
         self.format_bonus = float(format_bonus)
         """Added to the reward when the answer is marked (answer block, boxed, ####, answer is)."""
         self._cache: dict[str, list[Example]] = {}
@@ -43,8 +55,8 @@ class GSM8KTask(Task):
         return {"path": self.path, "format_bonus": self.format_bonus}
 
     def source(self) -> str:
-        """Where examples are read from: the `path` option, else $RLINO_GSM8K, else the hub id."""
-        return self.path or os.environ.get(ENV_VAR) or DEFAULT_DATASET
+        """Where examples come from: the `path` option, else $RLINO_GSM8K, else the shipped copy."""
+        return self.path or os.environ.get(ENV_VAR) or str(SHIPPED_DIR)
 
     def examples(self, split: str) -> list[Example]:
         if split not in self._cache:
@@ -84,6 +96,10 @@ class GSM8KTask(Task):
 
     def _load(self, split: str) -> list[Record]:
         source = self.source()
+        if source == str(SHIPPED_DIR) and not split_files(SHIPPED_DIR, split):
+            raise UserError(
+                f"the GSM8K copy shipped with rlino is missing from {SHIPPED_DIR}; {_HOW_TO_FIX}"
+            )
         if is_local(source):
             path = Path(source).expanduser()
             if path.is_file():
@@ -92,7 +108,7 @@ class GSM8KTask(Task):
             if not files:
                 raise UserError(f"no {split} data (e.g. {split}.jsonl) in {path}; {_HOW_TO_FIX}")
             return [r for f in files for r in read_file(f)]
-        if source.startswith((".", "/", "~")) or source.endswith((".jsonl", ".parquet")):
+        if source.startswith((".", "/", "~")) or source.endswith(DATA_SUFFIXES):
             raise UserError(f"GSM8K path {source} does not exist; {_HOW_TO_FIX}")
         try:
             return load_hub(source, "main" if source.endswith("gsm8k") else None, split)[split]

