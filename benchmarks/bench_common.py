@@ -1,4 +1,4 @@
-"""What the benchmark scripts share: prompts, the models they time, the reward, RSS and logging.
+"""What the benchmark scripts share: prompts, the models they time, the reward and logging.
 
 The scripts in benchmarks/ run as plain scripts (their directory is on sys.path), so they import
 this module as `bench_common`.
@@ -29,16 +29,6 @@ TEXT_PROMPTS = [
 def parity_reward(text: str) -> float:
     """1.0 or 0.0, a pseudo-random but deterministic bit of the completion text."""
     return float(zlib.crc32(text.encode("utf-8")) % 2)
-
-
-def peak_rss_gb() -> float:
-    """This process's peak resident set size (VmHWM) in GB."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) * 1024 / 1e9
-    import resource  # not Linux: ru_maxrss is KiB on Linux, bytes on macOS
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
 
 
 def smollm2_dir() -> Path:

@@ -59,11 +59,12 @@ from bench_common import (
     TEXT_PROMPTS,
     log,
     parity_reward,
-    peak_rss_gb,
     set_threads,
     smollm2_dir,
     tiny49k_model,
 )
+
+from rlino.run_metrics import peak_rss_gb  # as rlino logs it: VmHWM
 
 TASK_NAME = "bench-crc-parity"
 

@@ -49,7 +49,9 @@ def user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
         try:
             return fn(*args, **kwargs)
         except (UserError, FileNotFoundError) as e:
-            print(f"error: {e}", file=sys.stderr)
+            # one line even when the message quotes another tool's multi-line text
+            message = " ".join(line.strip() for line in str(e).splitlines() if line.strip())
+            print(f"error: {message or type(e).__name__}", file=sys.stderr)
             raise typer.Exit(2) from None
 
     return wrapper
@@ -187,6 +189,11 @@ def train_command(
         None, "--stop-after", hidden=True, help="Stop after N iterations this invocation."
     ),
     quiet: bool = quiet_option(),
+    print_config: bool = typer.Option(
+        False,
+        "--print-config",
+        help="Print the resolved config as YAML and exit (loads no model, needs no GPU).",
+    ),
 ) -> None:
     """Train a policy: sample -> verify -> weigh -> update -> evaluate -> checkpoint."""
     args = dict(locals())

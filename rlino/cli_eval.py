@@ -36,11 +36,13 @@ def run_eval_command(
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+    from rlino.cli_train import check_backend
     from rlino.config import parse_task_options
     from rlino.evaluate import evaluate
     from rlino.policy import load_policy
     from rlino.resolve import resolve_target
     from rlino.tasks import get_task, get_template
+    from rlino.tasks.templates import check_chat_template
 
     if split not in ("train", "test"):
         raise UserError(f"--split must be train or test, got {split!r}")
@@ -62,7 +64,9 @@ def run_eval_command(
         temperature = 0.0 if samples == 1 else 1.0
     if max_new_tokens is None:
         max_new_tokens = 512 if task == "gsm8k" else 128
+    check_backend(backend, device)
     policy = load_policy(target.model_path, gguf_file=gguf_file, device=device, dtype=dtype)
+    check_chat_template(template, policy.tokenizer)  # before the progress bar draws
     err = Console(stderr=True)
     with Progress(
         TextColumn(f"eval {task}/{split}"),

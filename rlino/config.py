@@ -9,6 +9,9 @@ and is all that `--resume` needs. The defaults are the tiny CPU Countdown demo, 
 from __future__ import annotations
 
 import dataclasses
+import json
+import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -19,10 +22,15 @@ import yaml
 
 from rlino.errors import UserError
 from rlino.methods import MethodParams
-from rlino.resolve import looks_like_hub_id
+from rlino.resolve import looks_like_hub_id, path_exists
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 """Where named presets live in a source checkout (`configs/NAME.yaml`)."""
+
+INT_LIMIT = 2**63
+"""Integers must fit in 64 bits (torch's seeds, counters and sizes); anything bigger is a typo."""
+MAX_THREADS = 4096
+"""Upper bound of `threads` (torch takes a C int; more threads than this is a typo)."""
 
 
 @dataclass
@@ -73,6 +81,9 @@ class RolloutConfig:
     """Completion length cap in tokens."""
     ignore_eos: bool = False
     """Sample past EOS up to max_new_tokens (benchmarks use it to force equal lengths)."""
+    on_truncation: str = "keep"
+    """Samples cut at max_new_tokens: keep (scored as any other), zero_reward (reward 0, counted
+    wrong) or mask (DAPO's overlong filtering: no gradient from them, still in the metrics)."""
 
 
 @dataclass
@@ -97,6 +108,9 @@ class OptimConfig:
     """Max padded tokens (rows x width) per forward/backward pass, the memory knob; 0 = no cap."""
     gradient_checkpointing: bool = False
     """Recompute each layer's activations in the backward pass: less memory, about 1/3 more compute."""
+    max_nonfinite_steps: int = 3
+    """Stop the run after this many consecutive optimiser steps with a NaN/inf loss or gradient
+    (each is skipped, weights and optimiser state untouched); fp16 loss-scale overflows don't count."""
 
 
 @dataclass
@@ -112,6 +126,15 @@ class EvalConfig:
 
 
 @dataclass
+class AnalysisConfig:
+    """Measurements taken during training."""
+
+    equivalence_every: int = 0
+    """Every N iterations, compare at each optimiser step the gradient of the update taken with that
+    of the plain weighted likelihood with the same weights (equiv/...); 0 = never."""
+
+
+@dataclass
 class TrainConfig:
     """A complete training run."""
 
@@ -121,12 +144,15 @@ class TrainConfig:
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    analysis: AnalysisConfig = field(default_factory=AnalysisConfig)
     iterations: int = 200
     """Number of sample -> verify -> weigh -> update iterations."""
     seed: int = 0
     """Seed for prompt order, sampling and initialisation of anything random."""
     checkpoint_every: int = 25
     """Save a resumable checkpoint every N iterations (and at the end); 0 = only at the end."""
+    checkpoint_keep: int = 2
+    """Keep the newest N checkpoints (older ones are the fallback when a newer one is damaged)."""
     samples_every: int = 10
     """Append a few completions to samples.jsonl every N iterations (0 = never)."""
     threads: int = 0
@@ -146,6 +172,14 @@ class TrainConfig:
             (r.top_k >= 0, "rollout.top_k must be >= 0"),
             (r.max_new_tokens >= 1, "rollout.max_new_tokens must be >= 1"),
             (r.backend in ("builtin", "hf", "vllm"), "rollout.backend must be builtin, hf or vllm"),
+            (
+                r.on_truncation in ("keep", "zero_reward", "mask"),
+                "rollout.on_truncation must be keep, zero_reward or mask",
+            ),
+            (
+                self.analysis.equivalence_every >= 0,
+                "analysis.equivalence_every must be >= 0 (0 = never)",
+            ),
             (o.lr > 0, f"optim.lr must be > 0 (got {o.lr})"),
             (o.weight_decay >= 0, "optim.weight_decay must be >= 0"),
             (
@@ -157,12 +191,18 @@ class TrainConfig:
             (o.minibatch_size >= 1, "optim.minibatch_size must be >= 1"),
             (o.micro_batch_size >= 1, "optim.micro_batch_size must be >= 1"),
             (o.micro_batch_tokens >= 0, "optim.micro_batch_tokens must be >= 0 (0 = no cap)"),
+            (o.max_nonfinite_steps >= 1, "optim.max_nonfinite_steps must be >= 1"),
             (e.every >= 0, "eval.every must be >= 0"),
             (e.num_examples >= 1, "eval.num_examples must be >= 1"),
             (e.batch_size >= 1, "eval.batch_size must be >= 1"),
             (self.checkpoint_every >= 0, "checkpoint_every must be >= 0"),
+            (self.checkpoint_keep >= 1, "checkpoint_keep must be >= 1"),
             (self.samples_every >= 0, "samples_every must be >= 0"),
-            (self.threads >= 0, "threads must be >= 0"),
+            (0 <= self.seed < 2**32, f"seed must be in [0, 2**32) (got {self.seed})"),
+            (
+                0 <= self.threads <= MAX_THREADS,
+                f"threads must be in [0, {MAX_THREADS}] (0 = torch's default; got {self.threads})",
+            ),
             (
                 self.model.dtype in ("auto", "fp32", "bf16", "fp16"),
                 "model.dtype must be auto, fp32, bf16 or fp16",
@@ -173,7 +213,7 @@ class TrainConfig:
             ),
             (
                 self.model.device in ("auto", "cpu", "cuda")
-                or self.model.device.startswith("cuda:"),
+                or re.fullmatch(r"cuda:\d+", self.model.device) is not None,
                 "model.device must be auto, cpu or cuda[:N]",
             ),
         ]
@@ -181,8 +221,8 @@ class TrainConfig:
             if not ok:
                 raise UserError(message)
         path = self.model.path
-        if path is not None and not looks_like_hub_id(path) and not Path(path).exists():
-            raise UserError(f"model.path {self.model.path!r} does not exist")
+        if path is not None and not looks_like_hub_id(path) and not path_exists(path):
+            raise UserError(f"model.path {_show(path)} does not exist")
         self.method.validate(group_size=r.samples_per_prompt)
 
 
@@ -199,7 +239,9 @@ def from_dict(cls: type, data: dict[str, Any], where: str = "") -> Any:
     for key, value in data.items():
         path = f"{where}.{key}" if where else key
         if key not in names:
-            raise UserError(f"unknown config key {path!r}; known here: {', '.join(sorted(names))}")
+            raise UserError(
+                f"unknown config key {_show(path)}; known here: {', '.join(sorted(names))}"
+            )
         kwargs[key] = _coerce(hints[key], value, path)
     return cls(**kwargs)
 
@@ -221,10 +263,11 @@ def _coerce(hint: Any, value: Any, path: str) -> Any:
                 return _coerce(option, value, path)
             except UserError as e:
                 errors.append(str(e))
-        raise UserError(errors[0] if errors else f"{path}: bad value {value!r}")
+        raise UserError(errors[0] if errors else f"{path}: bad value {_show(value)}")
     if origin is dict or hint is dict:
         if not isinstance(value, dict):
-            raise UserError(f"{path} must be a mapping, got {value!r}")
+            raise UserError(f"{path} must be a mapping, got {_show(value)}")
+        _check_plain(value, path)
         return dict(value)
     if hint is Any:
         return value
@@ -233,26 +276,58 @@ def _coerce(hint: Any, value: Any, path: str) -> Any:
             return value
         if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
             return value.lower() in ("true", "yes", "1")
-        raise UserError(f"{path} must be true or false, got {value!r}")
+        raise UserError(f"{path} must be true or false, got {_show(value)}")
     if hint is int:
         if isinstance(value, bool) or not isinstance(value, int | str):
-            raise UserError(f"{path} must be an integer, got {value!r}")
+            raise UserError(f"{path} must be an integer, got {_show(value)}")
         try:
-            return int(value)
-        except ValueError:
-            raise UserError(f"{path} must be an integer, got {value!r}") from None
+            number = int(value)
+        except ValueError:  # also a string of more than 4300 digits
+            raise UserError(f"{path} must be an integer, got {_show(value)}") from None
+        if not -INT_LIMIT <= number < INT_LIMIT:
+            raise UserError(f"{path} must be an integer of at most 64 bits, got {_show(value)}")
+        return number
     if hint is float:
         if isinstance(value, bool) or not isinstance(value, int | float | str):
-            raise UserError(f"{path} must be a number, got {value!r}")
+            raise UserError(f"{path} must be a number, got {_show(value)}")
         try:
-            return float(value)
+            number = float(value)
         except ValueError:
-            raise UserError(f"{path} must be a number, got {value!r}") from None
+            raise UserError(f"{path} must be a number, got {_show(value)}") from None
+        except OverflowError:  # an integer beyond float's range
+            number = math.inf
+        if not math.isfinite(number):  # NaN or inf would poison every step (or pass no check)
+            raise UserError(f"{path} must be a finite number, got {_show(value)}")
+        return number
     if hint is str:
         if not isinstance(value, str | int | float) or isinstance(value, bool):
-            raise UserError(f"{path} must be a string, got {value!r}")
+            raise UserError(f"{path} must be a string, got {_show(value)}")
         return str(value)
     return value
+
+
+def _check_plain(value: Any, path: str) -> None:
+    """UserError unless `value` is plain data (text, finite numbers, lists, mappings), no cycles.
+
+    What a config holds is written to config.yaml and compared across runs; a YAML tag such as
+    `!!binary`, a date, NaN or a self-referencing anchor would break that later, far from here.
+    """
+    try:
+        json.dumps(value, allow_nan=False)
+    except (TypeError, ValueError, RecursionError):
+        raise UserError(
+            f"{path} must hold plain values (text, finite numbers, lists, mappings), "
+            f"got {_show(value)}"
+        ) from None
+
+
+def _show(value: Any, limit: int = 60) -> str:
+    """`repr(value)` on one line, cut to about `limit` characters (a pasted file stays readable)."""
+    try:
+        text = repr(value)
+    except RecursionError:
+        text = f"<{type(value).__name__}>"
+    return text if len(text) <= limit else f"{text[: limit - 3]}... ({len(text)} characters)"
 
 
 def to_dict(config: Any) -> dict[str, Any]:
@@ -287,10 +362,22 @@ def read_yaml(path: Path) -> dict[str, Any]:
         raise UserError(f"{path}: invalid YAML ({str(e).splitlines()[0]})") from None
     if not isinstance(data, dict):
         raise UserError(f"{path}: a config must be a YAML mapping")
+    _check_finite_depth(data, str(path))
     parent = data.pop("extends", None)
     if parent:
         data = deep_merge(read_yaml(preset_path(str(parent))), data)
     return data
+
+
+def _check_finite_depth(value: Any, where: str) -> None:
+    """UserError if a YAML value refers to itself (`&a [*a]`) or nests absurdly deep.
+
+    Merging or writing such a value would recurse without end; no config needs one.
+    """
+    try:
+        json.dumps(value, default=repr, skipkeys=True)
+    except (ValueError, RecursionError):  # "Circular reference detected", or far too deep
+        raise UserError(f"{where}: a value that refers to itself or nests too deep") from None
 
 
 def deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
@@ -308,11 +395,14 @@ def parse_override(text: str) -> dict[str, Any]:
     """`a.b.c=value` -> {"a": {"b": {"c": value}}}; the value is read as YAML (so 3, true, [1, 2])."""
     key, sep, raw = text.partition("=")
     if not sep or not key.strip():
-        raise UserError(f"override {text!r} is not of the form key=value")
+        raise UserError(f"override {_show(text)} is not of the form key=value")
     try:
         value = yaml.safe_load(raw) if raw.strip() else None
-    except yaml.YAMLError:
+    except (yaml.YAMLError, ValueError, RecursionError):
+        # not YAML (or a number PyYAML cannot hold, or nesting too deep): keep the text as given,
+        # and let the field's type decide whether text will do
         value = raw
+    _check_finite_depth(value, f"override {_show(key.strip())}")
     node: dict[str, Any] = {}
     out = node
     parts = key.strip().split(".")

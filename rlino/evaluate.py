@@ -1,7 +1,8 @@
 """Evaluation: greedy pass@1, sampled pass@k / mean@k, and completion lengths split by correctness.
 
 Used by `rlino eval` and by the training loop's periodic evaluation, so both report the same numbers.
-Lengths are in completion tokens (up to and including the stop token).
+Lengths are in completion tokens (up to and including the stop token). Prompts are encoded by
+`rlino.tasks.encode_prompts`, the function training uses, so both feed the model the same ids.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from rlino.metrics import mean_at_k, pass_at_k
 from rlino.tasks import Example, Task
+from rlino.tasks.templates import encode_texts
 
 if TYPE_CHECKING:
     from rlino.policy import Policy
@@ -45,6 +47,8 @@ class EvalReport:
     mean_length_wrong: float | None
     reward_mean: float
     format_rate: float
+    truncated_rate: float = 0.0
+    """Fraction of completions cut at max_new_tokens (no EOS, no stop string): scored anyway."""
     pass_at: dict[int, float] = field(default_factory=dict)
     samples: int = 1
     completions: list[Completion] = field(default_factory=list)
@@ -59,6 +63,7 @@ class EvalReport:
             "mean_length_wrong": self.mean_length_wrong,
             "reward_mean": self.reward_mean,
             "format_rate": self.format_rate,
+            "truncated_rate": self.truncated_rate,
         }
         if self.samples > 1:
             for k, value in sorted(self.pass_at.items()):
@@ -99,11 +104,12 @@ def evaluate(
         max_new_tokens=max_new_tokens,
         stop_strings=task.stop_strings(template),
     )
+    template = template or task.default_template
     prompts = [task.prompt(ex, template, policy.tokenizer) for ex in examples]
     completions: list[Completion] = []
     for start in range(0, len(examples), batch_size):
         chunk = prompts[start : start + batch_size]
-        ids = [policy.tokenizer(p, add_special_tokens=False)["input_ids"] for p in chunk]
+        ids = encode_texts(policy.tokenizer, chunk, template)
         rollouts = generate(policy, ids, samples, sampling, seed=seed + start, backend=backend)
         texts = rollouts.texts(policy.tokenizer)
         lengths = rollouts.completion_mask.sum(dim=1).tolist()
@@ -155,6 +161,7 @@ def summarize(completions: Sequence[Completion], n: int, samples: int) -> EvalRe
         mean_length_wrong=_mean([c.length for c in completions if not c.correct]),
         reward_mean=_mean([c.reward for c in completions]) or 0.0,
         format_rate=_mean([float(c.format_ok) for c in completions]) or 0.0,
+        truncated_rate=_mean([float(not c.finished) for c in completions]) or 0.0,
         pass_at=pass_at,
         samples=samples,
         completions=list(completions),

@@ -183,7 +183,8 @@ def policy_loss(
         raise ValueError(f"method {method.name!r} has no KL term but beta={params.beta}")
     if params.beta > 0 and ref_logp is None:
         raise ValueError("beta > 0 needs ref_logp (the reference model's log-probs)")
-    pg_loss, stats = SURROGATE_LOSSES[method.surrogate](params, logp, mask, w, old_logp)
+    surrogate = params.surrogate or method.surrogate
+    pg_loss, stats = SURROGATE_LOSSES[surrogate](params, logp, mask, w, old_logp)
     loss = pg_loss
     kl_value = 0.0
     kl_term = 0.0

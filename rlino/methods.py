@@ -47,6 +47,8 @@ if TYPE_CHECKING:
 
 AGGREGATIONS = ("seq-mean", "token-mean", "constant")
 SURROGATES = ("clipped", "likelihood")
+WEIGHT_ON = ("reward", "correct")
+STD_KINDS = ("population", "sample")
 
 # Rewards closer than this count as equal: a group whose spread is float noise is filtered, not
 # blown up by dividing by a near-zero std.
@@ -75,6 +77,18 @@ class MethodParams:
     """for aggregation=constant: the divisor (default: max_new_tokens, filled by the trainer)"""
     dedup: bool = False
     """raft: count identical correct completions in a group once"""
+    surrogate: str | None = None
+    """clipped (GRPO's ratio-clipped loss) or likelihood (plain weighted log-likelihood); None =
+    the method's own (grpo: clipped; fisft, fisft-grpo, raft: likelihood). The paper's authors ran
+    F-ISFT through the clipped loss: it differs from the likelihood from the second minibatch on"""
+    weight_on: str = "reward"
+    """what the group weighting compares: reward (the shaped reward, e.g. Countdown's 0.1 for a
+    wrong but well-formed answer, as in the authors' code) or correct (binary success only)"""
+    std: str = "population"
+    """grpo / fisft-grpo: the group std that scales weights: population (the paper's derivation,
+    A+ = sqrt((1-p)/p)) or sample (Bessel's n - 1, as TRL and verl)"""
+    std_eps: float = 0.0
+    """grpo / fisft-grpo: added to the group std before dividing (verl 1e-6, TRL 1e-4)"""
 
     def validate(self, group_size: int) -> None:
         """Raise UserError (one line) if these params can't work with `group_size` samples."""
@@ -110,6 +124,16 @@ class MethodParams:
             raise UserError(f"method.constant_length must be >= 1 (got {p.constant_length})")
         if p.dedup and not method.uses_dedup:
             raise UserError(f"method.dedup applies to raft only, not to {self.name!r}")
+        if p.surrogate is not None and p.surrogate not in SURROGATES:
+            raise UserError(
+                f"method.surrogate must be one of {', '.join(SURROGATES)} (got {p.surrogate!r})"
+            )
+        if p.weight_on not in WEIGHT_ON:
+            raise UserError(f"method.weight_on must be reward or correct (got {p.weight_on!r})")
+        if p.std not in STD_KINDS:
+            raise UserError(f"method.std must be population or sample (got {p.std!r})")
+        if p.std_eps < 0:
+            raise UserError(f"method.std_eps must be >= 0 (got {p.std_eps})")
 
 
 @dataclass
@@ -165,6 +189,8 @@ class Method:
     """honours params.dedup (reads the completions' token ids)"""
     per_token: bool = False
     """returns one weight per completion token (N, T) instead of one per sample (P, G)"""
+    knobs: tuple[str, ...] = ()
+    """the MethodParams fields of its own weighting (e.g. fisft: alpha); see `applicable_params`"""
 
     def __post_init__(self) -> None:
         if self.surrogate not in SURROGATES:
@@ -203,6 +229,74 @@ def register_preset(name: str, base: str, description: str = "", **fixed: Any) -
         raise ValueError(f"preset {name!r}: unknown MethodParams fields {sorted(unknown)}")
     PRESETS[name] = Preset(base, dict(fixed), description)
     return PRESETS[name]
+
+
+COMMON_PARAMS = frozenset(
+    {"mu", "aggregation", "constant_length", "surrogate", "clip_eps", "weight_on"}
+)
+"""MethodParams fields every method honours: passes, loss aggregation and surrogate, weighting input."""
+
+
+def applicable_params(name: str) -> frozenset[str]:
+    """The MethodParams fields (besides `name`) that method or preset `name` honours.
+
+    Used when a preset's method block is carried over to another method (`rlino train --method`):
+    a setting the new method cannot use (beta without a reference model, alpha outside F-ISFT) is
+    dropped rather than silently ignored or rejected.
+    """
+    method = get_method(name)
+    own = set(COMMON_PARAMS) | set(method.knobs)
+    if method.uses_kl:
+        own.add("beta")
+    if method.uses_dedup:
+        own.add("dedup")
+    fixed = PRESETS[name].fixed if name in PRESETS else {}
+    return frozenset(own - set(fixed))
+
+
+def carry_params(
+    block: dict[str, Any], method: str, *, who: str
+) -> tuple[dict[str, Any], dict[str, str]]:
+    """A preset's `method:` block switched to method `method` (`rlino train --method`, a compare
+    entry on a preset).
+
+    Keeps the settings `method` honours (`applicable_params`: e.g. beta, clip_eps, mu, aggregation
+    of a GRPO preset stay for grpo), so the preset's own values are not silently reset to the
+    defaults, and drops the rest. Returns the new block and, per dropped setting whose value differs
+    from what `method` will use, a one-line note saying why. Keys that are no MethodParams field
+    are kept, so a typo still fails validation. Raises UserError for an unknown method.
+    """
+    keep = applicable_params(method)
+    known = {f.name for f in fields(MethodParams)} - {"name"}
+    carried: dict[str, Any] = {"name": method}
+    notes: dict[str, str] = {}
+    for key, value in block.items():
+        if key == "name":
+            continue
+        if key in keep or key not in known:
+            carried[key] = value
+            continue
+        reason, used = _drop_reason(key, method)
+        if value != used:
+            notes[key] = f"note: {who} drops method.{key}={value} ({reason})"
+    return carried, notes
+
+
+def _drop_reason(key: str, method: str) -> tuple[str, Any]:
+    """Why `method` cannot take setting `key`, and the value it uses instead."""
+    preset = PRESETS.get(method)
+    if preset is not None and key in preset.fixed:
+        return f"{method} fixes {key}={preset.fixed[key]}", preset.fixed[key]
+    used = getattr(MethodParams(), key)
+    reasons = {
+        "beta": f"{method} has no reference model",
+        "alpha": f"alpha is F-ISFT's weight split; {method} does not use it",
+        "scale_std": f"{method} does not divide by the group std",
+        "std": f"{method} does not divide by the group std",
+        "std_eps": f"{method} does not divide by the group std",
+        "dedup": f"{method} does not deduplicate (raft only)",
+    }
+    return reasons.get(key, f"{method} does not use it"), used
 
 
 def method_names() -> list[str]:
@@ -258,6 +352,8 @@ def weigh(
         raise ValueError(f"{ids.shape[0]} completions for {rewards.numel()} rewards")
     if method.per_token and ids is None:
         raise ValueError(f"method {method.name!r} weighs tokens: it needs the completions' ids")
+    if params.weight_on == "correct":  # compare binary success, not the shaped reward
+        batch = replace(batch, rewards=correct.to(rewards.dtype))
     weights = method.weighting(batch, params, sampler)
     if method.per_token:
         if ids is None or weights.shape != ids.shape:
@@ -288,17 +384,19 @@ def filtered_groups(rewards: Tensor) -> Tensor:
 def group_standardised(
     batch: ScoredBatch, params: MethodParams, sampler: Sampler | None = None
 ) -> Tensor:
-    """GRPO's weight (R - mean) / std per group, population std; filtered groups get 0.
+    """GRPO's weight (R - mean) / (std + std_eps) per group; filtered groups get 0.
 
-    For binary rewards with a fraction p correct this is A+ = sqrt((1-p)/p) for the correct and
-    A- = -sqrt(p/(1-p)) for the wrong, so each group's weights sum to zero. scale_std=False gives
-    Dr. GRPO's R - mean.
+    With the population std (the default) and binary rewards with a fraction p correct this is
+    A+ = sqrt((1-p)/p) for the correct and A- = -sqrt(p/(1-p)) for the wrong, so each group's
+    weights sum to zero. `std: sample` (Bessel's n - 1, as TRL and verl) gives sqrt((G-1)/G) of
+    that. scale_std=False gives Dr. GRPO's R - mean.
     """
     import torch
 
     r = batch.rewards.double()  # (P, G); float64 so std of a near-constant group is not noise
     centred = r - r.mean(dim=1, keepdim=True)  # (P, G)
-    std = r.std(dim=1, correction=0, keepdim=True)  # (P, 1)
+    correction = 0 if params.std == "population" else 1
+    std = r.std(dim=1, correction=correction, keepdim=True) + params.std_eps  # (P, 1)
     flat = filtered_groups(batch.rewards)[:, None]  # (P, 1)
     scale = torch.where(flat, torch.ones_like(std), std) if params.scale_std else 1.0
     weights = torch.where(flat, torch.zeros_like(centred), centred / scale)  # (P, G)
@@ -344,6 +442,7 @@ register_method(
         surrogate="clipped",
         uses_kl=True,
         group_relative=True,
+        knobs=("scale_std", "std", "std_eps"),
     )
 )
 register_method(
@@ -354,6 +453,7 @@ register_method(
         surrogate="likelihood",
         uses_kl=False,
         group_relative=True,
+        knobs=("alpha",),
     )
 )
 register_method(
@@ -364,6 +464,7 @@ register_method(
         surrogate="likelihood",
         uses_kl=False,
         group_relative=True,
+        knobs=("scale_std", "std", "std_eps"),
     )
 )
 register_method(

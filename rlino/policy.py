@@ -8,6 +8,7 @@ gradient is needed) recomputed in the backward pass instead of stored.
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +31,10 @@ DTYPES = {
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 DEFAULT_CHUNK = 1024
 """completion tokens per logits chunk in token_logprobs (1024 x 49k fp32 logits = 200 MB)"""
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".h5", ".msgpack")
+"""Files that can hold a model's weights (shards and their index included)."""
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model")
+"""Files one of which a tokenizer needs (or a file ending in .tiktoken or .model)."""
 
 
 @dataclass
@@ -89,6 +94,7 @@ def _locate(spec: str, gguf_file: str | None) -> tuple[str, str | None]:
                 raise UserError(f"GGUF file {gguf_file} not found in {spec}")
             return str(path), gguf_file
         if (path / "config.json").is_file():
+            _check_config_json(path / "config.json")
             return str(path), None
         ggufs = sorted(p.name for p in path.glob("*.gguf"))
         if len(ggufs) == 1:
@@ -105,6 +111,85 @@ def _locate(spec: str, gguf_file: str | None) -> tuple[str, str | None]:
     return spec, gguf_file
 
 
+def _check_config_json(path: Path) -> None:
+    """UserError naming `path` unless it is a readable JSON object (transformers' own message
+    about a broken config.json comes out of the tokenizer loader and does not say which stage)."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UserError(
+            f"cannot load a model from {path.parent}: {path.name} is not valid JSON ({e})"
+        ) from None
+    if not isinstance(data, dict):
+        raise UserError(f"cannot load a model from {path.parent}: {path.name} is not a JSON object")
+
+
+def _files_like(where: str, names: tuple[str, ...], suffixes: tuple[str, ...]) -> list[str]:
+    """Names of the files in local dir `where` called one of `names` or ending in `suffixes`."""
+    path = Path(where)
+    if not path.is_dir():
+        return []
+    return sorted(
+        p.name
+        for p in path.iterdir()
+        if p.is_file() and (p.name in names or p.name.endswith(suffixes))
+    )
+
+
+def _load_error(
+    spec: str, where: str, gguf_name: str | None, part: str, err: Exception
+) -> UserError:
+    """One line saying which `part` (tokenizer, weights) of model `spec` failed to load and why.
+
+    A local HF directory that lacks the files of that part is named as such; otherwise the
+    loader's message, its lines joined, cut to a readable length.
+    """
+    local = gguf_name is None and Path(where).is_dir()
+    if part == "tokenizer":
+        files = _files_like(where, TOKENIZER_FILES, (".tiktoken", ".model"))
+        if local and not files:
+            return UserError(
+                f"cannot load a model from {spec}: no tokenizer files "
+                f"({', '.join(TOKENIZER_FILES)} or a .tiktoken file)"
+            )
+    else:
+        files = _files_like(where, (), WEIGHT_SUFFIXES)
+        if local and not files:
+            return UserError(
+                f"cannot load a model from {spec}: config.json but no weights "
+                "(model.safetensors or pytorch_model.bin)"
+            )
+    text = " ".join(line.strip() for line in str(err).splitlines() if line.strip())
+    text = text or type(err).__name__
+    if len(text) > 300:
+        text = text[:297] + "..."
+    shown = f" ({', '.join(files[:4])}{', ...' if len(files) > 4 else ''})" if files else ""
+    return UserError(f"could not load the {part} of model {spec!r}{shown}: {text}")
+
+
+def load_tokenizer(spec: str, *, gguf_file: str | None = None) -> PreTrainedTokenizerBase:
+    """Only the tokenizer of the model `load_policy(spec)` would load (to check it early)."""
+    where, gguf_name = _locate(spec, gguf_file)
+    return _load_tokenizer(spec, where, gguf_name)
+
+
+def _load_tokenizer(spec: str, where: str, gguf_name: str | None) -> PreTrainedTokenizerBase:
+    """AutoTokenizer of a located model; every loader failure becomes a one-line UserError.
+
+    Anything the loaders raise here is about the user's files (missing, corrupt, unsupported),
+    and safetensors, tokenizers and transformers each raise their own exception types.
+    """
+    from transformers import AutoTokenizer
+
+    extra = {"gguf_file": gguf_name} if gguf_name else {}
+    try:
+        return AutoTokenizer.from_pretrained(where, **extra)
+    except MemoryError:
+        raise
+    except Exception as err:
+        raise _load_error(spec, where, gguf_name, "tokenizer", err) from err
+
+
 def load_policy(
     spec: str, *, gguf_file: str | None = None, device: str = "auto", dtype: str = "auto"
 ) -> Policy:
@@ -113,18 +198,19 @@ def load_policy(
     A GGUF model is de-quantised by transformers on load (needs the `gguf` package). The tokenizer
     gets padding_side 'left' and, if it has none, the EOS token as pad token.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)
     where, gguf_name = _locate(spec, gguf_file)
     extra = {"gguf_file": gguf_name} if gguf_name else {}
+    tokenizer = _load_tokenizer(spec, where, gguf_name)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(where, **extra)
         model = AutoModelForCausalLM.from_pretrained(where, dtype=torch_dtype, **extra)
-    except (OSError, ValueError) as err:
-        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise UserError(f"could not load model {spec!r}: {first_line}") from err
+    except MemoryError:
+        raise
+    except Exception as err:  # see _load_tokenizer
+        raise _load_error(spec, where, gguf_name, "weights", err) from err
     model.to(device=torch_device, dtype=torch_dtype)
     tokenizer.padding_side = "left"
     if tokenizer.pad_token_id is None:
@@ -251,10 +337,12 @@ def token_logprobs_and_entropy(
     head = model.get_output_embeddings()
     softcap = getattr(model.config.get_text_config(), "final_logit_softcapping", None)
     plain_head = isinstance(head, torch.nn.Linear) and head.bias is None
-    if not with_entropy and plain_head and not softcap and temperature == 1.0:
+    if not with_entropy and plain_head and not softcap:
         from rlino.logprobs import selective_log_softmax
 
-        logp = selective_log_softmax(flat_hidden, head.weight, targets)  # (B*Lc,)
+        # logits / T = (hidden / T) @ W.T: the temperature goes in before the fused head
+        scaled = flat_hidden if temperature == 1.0 else flat_hidden / temperature
+        logp = selective_log_softmax(scaled, head.weight, targets)  # (B*Lc,)
         return logp.view(batch, width), torch.zeros(batch, width, device=logp.device)
     logps, ents = [], []
     for i in range(0, flat_hidden.shape[0], chunk_size):

@@ -52,6 +52,8 @@ def task_settings(model_dir: str | Path) -> dict[str, Any] | None:
         data = json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise UserError(f"{path} is not valid JSON: {e}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"{path} cannot be read ({type(e).__name__}: {e})") from None
     if not isinstance(data, dict) or "task" not in data:
         raise UserError(f"{path} lacks a 'task' entry")
     return data
@@ -67,9 +69,21 @@ def tiny_model_dir() -> Path:
     return TINY_MODEL_DIR
 
 
+def path_exists(spec: str | Path) -> bool:
+    """`Path(spec).exists()`, but False instead of an exception for a name no file can have.
+
+    A name too long for the file system (or with a NUL byte) raises OSError / ValueError in
+    `Path.exists`; such a name names nothing, which is what the caller reports.
+    """
+    try:
+        return Path(spec).exists()
+    except (OSError, ValueError):
+        return False
+
+
 def looks_like_hub_id(spec: str) -> bool:
     """`org/name` with no local meaning: left for the loader to try on the hub."""
-    return spec.count("/") == 1 and not spec.startswith((".", "/", "~")) and not Path(spec).exists()
+    return spec.count("/") == 1 and not spec.startswith((".", "/", "~")) and not path_exists(spec)
 
 
 def resolve_target(
@@ -89,10 +103,10 @@ def resolve_target(
         if task != "countdown":
             raise UserError(f"task {task!r} needs a model: pass --model DIR|ID")
         model = str(tiny_model_dir())
-    elif not looks_like_hub_id(model) and not Path(model).exists():
+    elif not looks_like_hub_id(model) and not path_exists(model):
         raise UserError(f"model {model!r} does not exist")
     options = dict(task_options or {})
-    recorded = task_settings(model) if Path(model).is_dir() else None
+    recorded = task_settings(model) if path_exists(model) and Path(model).is_dir() else None
     if recorded and recorded.get("task") == task:
         options = {**recorded.get("options", {}), **options}
         template = template or recorded.get("template")

@@ -51,6 +51,8 @@ class Setup:
         default_factory=lambda: torch.amp.GradScaler("cpu", enabled=False)
     )
     """fp16 loss scaling (see rlino.precision); disabled otherwise"""
+    nonfinite_streak: int = 0
+    """consecutive optimiser steps skipped for a NaN/inf loss or gradient"""
 
     @property
     def compute_policy(self) -> Policy:

@@ -19,9 +19,9 @@ from rlino.evaluate import EvalReport, evaluate
 from rlino.methods import ScoredBatch, weigh
 from rlino.policy import Policy
 from rlino.rollout import Rollouts, SamplingConfig, generate
-from rlino.run_metrics import train_metrics
+from rlino.run_metrics import peak_rss_gb, train_metrics
 from rlino.setup import Setup
-from rlino.tasks import Example, Task, get_template
+from rlino.tasks import Example, Task, encode_prompts
 from rlino.update import TokenBatch, update
 
 PROMPT_ORDER_SEED_STRIDE = 7919
@@ -51,15 +51,6 @@ def sampling_seed(seed: int, iteration: int) -> int:
     return (seed * a + iteration * b + c) % (2**31)
 
 
-def encode_prompts(
-    policy: Policy, task: Task, examples: Sequence[Example], template: str
-) -> list[list[int]]:
-    """Prompt token ids; chat templates already contain their special tokens."""
-    add_special = not get_template(template).chat
-    texts = [task.prompt(ex, template, policy.tokenizer) for ex in examples]
-    return [policy.tokenizer(t, add_special_tokens=add_special)["input_ids"] for t in texts]
-
-
 @dataclass(kw_only=True)
 class Scored(ScoredBatch):
     """A verified rollout batch: what a weighting sees, plus the rollouts and texts behind it."""
@@ -86,7 +77,7 @@ def sample_and_score(
     """Draw `samples` completions for each example and verify them."""
     p, g = len(examples), samples
     policy.model.eval()
-    prompt_ids = encode_prompts(policy, task, examples, template)
+    prompt_ids = encode_prompts(policy.tokenizer, task, examples, template)
     rollouts = generate(policy, prompt_ids, g, sampling, seed=seed, backend=backend)
     texts = rollouts.texts(policy.tokenizer)
     scores = [
@@ -189,27 +180,56 @@ class StepResult:
     """(P, G) per sample, or (N, Lc) per token"""
 
 
+def apply_truncation_rule(scored: Scored, rule: str) -> torch.Tensor | None:
+    """`rollout.on_truncation` on a scored batch; returns the trainable rows (N,) for `mask`.
+
+    keep: truncated samples are scored like any other. zero_reward: a truncated sample gets reward
+    0 and counts as wrong (a ramble cut at the cap is no answer, whatever its last number).
+    mask: DAPO's overlong filtering, no gradient from truncated samples (they stay in the metrics).
+    """
+    truncated = ~scored.rollouts.finished  # (N,)
+    if rule == "zero_reward":
+        cut = truncated.view(scored.rewards.shape)  # (P, G)
+        scored.rewards = scored.rewards.masked_fill(cut, 0.0)
+        scored.correct = scored.correct & ~cut
+    return ~truncated if rule == "mask" else None
+
+
 def step(setup: Setup, iteration: int, optimizer: torch.optim.Optimizer) -> StepResult:
     """One iteration: sample and verify, weigh, update; the lr is the optimiser's current one."""
+    cfg = setup.config
     t0 = time.perf_counter()
     scored = rollout(setup, iteration)
+    trainable = apply_truncation_rule(scored, cfg.rollout.on_truncation)
     t1 = time.perf_counter()
-    continuation_seed = sampling_seed(setup.config.seed, iteration) + CONTINUATION_SEED_OFFSET
+    continuation_seed = sampling_seed(cfg.seed, iteration) + CONTINUATION_SEED_OFFSET
     sampler = ContinuationSampler(setup, scored, continuation_seed)
     weights = weigh(setup.method, setup.params, scored, sampler)
+    if trainable is not None:  # masked samples carry no weight
+        keep = trainable.to(weights.dtype)  # (N,)
+        weights = weights * (keep[:, None] if setup.method.per_token else keep.view(weights.shape))
     lr = optimizer.param_groups[0]["lr"]
-    batch = TokenBatch.from_rollouts(scored.rollouts, setup.policy.device)
-    stats = update(setup, batch, weights, optimizer)
+    batch = TokenBatch.from_rollouts(scored.rollouts, setup.policy.device, cfg.rollout.temperature)
+    every = cfg.analysis.equivalence_every
+    stats = update(
+        setup,
+        batch,
+        weights,
+        optimizer,
+        trainable=trainable,
+        track_equivalence=bool(every) and iteration % every == 0,
+    )
     t2 = time.perf_counter()
     tokens = int(scored.lengths.sum())
     metrics: dict[str, Any] = {
         **train_metrics(scored, weights),
+        "train/sampled_tokens": tokens,
         **stats,
-        "lr": lr,
+        "optim/lr": lr,
         "time/rollout_s": t1 - t0,
         "time/update_s": t2 - t1,
-        "tokens_per_s": tokens / max(t2 - t0, 1e-9),
-        "tokens/sampled": tokens,
+        "time/tokens_per_s": tokens / max(t2 - t0, 1e-9),
+        "mem/peak_rss_gb": peak_rss_gb(),
     }
     if sampler.calls:
         metrics["train/mc_tokens"] = sampler.sampled_tokens

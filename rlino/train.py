@@ -8,7 +8,8 @@ with particular weights, plus a ratio that stays at 1 on the first pass.
 
 Where the parts live: `rlino.setup` builds the policy, reference, task and optimiser once;
 `rlino.step` is one iteration; `rlino.run_metrics` what is logged; `rlino.progress` the progress
-bar and Ctrl-C; `rlino.checkpoint` the resumable state.
+bar and Ctrl-C; `rlino.checkpoint` the resumable state; `rlino.runlog` the logs, repaired on
+resume after a kill; `rlino.runlock` one process per run dir.
 
 Simplifications, stated: one process, one device; the learning-rate schedule advances once per
 iteration; prompt order and sampling seeds are pure functions of (seed, iteration), so a resumed
@@ -24,14 +25,15 @@ from typing import Any
 
 import torch
 
-from rlino import checkpoint
+from rlino import checkpoint, faults
 from rlino.config import TrainConfig, save_config
 from rlino.errors import UserError
 from rlino.policy import save_policy
 from rlino.progress import GracefulStop, train_bar
 from rlino.run_metrics import eval_metrics, sample_rows
+from rlino.runlock import RunLock
 from rlino.runlog import MetricsLog
-from rlino.setup import build, make_optimizer, make_scheduler
+from rlino.setup import Setup, build, make_optimizer, make_scheduler
 from rlino.step import greedy_eval, step
 
 
@@ -61,26 +63,57 @@ def train(
     stop_after: int | None = None,
     on_iteration: Callable[[int, dict[str, Any]], None] | None = None,
 ) -> TrainResult:
-    """Run (or resume) training into `run_dir`. `stop_after` ends this invocation early, as Ctrl-C would."""
+    """Run (or resume) training into `run_dir`. `stop_after` ends this invocation early, as Ctrl-C would.
+
+    The run dir's lock is held from before anything in it is read or written to the end, so a
+    second process on the same dir stops at once (rlino.runlock).
+    """
     config.validate()
-    ckpt = checkpoint.latest(run_dir) if resume else None
+    with RunLock(run_dir) as lock:  # under torchrun: RunLock(run_dir, held=rank == 0)
+        # resume: lock before reading checkpoints or logs; fresh: write nothing before the model loads
+        _claim(lock, run_dir, resume, take=resume and run_dir.is_dir())
+        return _train(config, run_dir, lock, resume, progress, stop_after, on_iteration)
+
+
+def _claim(lock: RunLock, run_dir: Path, resume: bool, *, take: bool = True) -> None:
+    """Take the run dir's lock (or, not `take`, check that no other process has it), failing at
+    once if another has; and a fresh run must not write into another run's logs."""
+    if take:
+        lock.acquire()
+    else:
+        lock.check_free()
     if not resume and (run_dir / "metrics.jsonl").exists():
         raise UserError(f"{run_dir} already holds a run; use --resume {run_dir} or another --out")
+
+
+def _train(
+    config: TrainConfig,
+    run_dir: Path,
+    lock: RunLock,
+    resume: bool,
+    progress: bool,
+    stop_after: int | None,
+    on_iteration: Callable[[int, dict[str, Any]], None] | None,
+) -> TrainResult:
+    """The run itself, under the lock `train` holds (or takes here, for a fresh run dir)."""
+    ckpt = checkpoint.latest(run_dir) if resume else None
     if config.threads:
         torch.set_num_threads(config.threads)
     torch.manual_seed(config.seed)
 
     setup = build(config, weights=ckpt / "model" if ckpt is not None else None)
     run_dir.mkdir(parents=True, exist_ok=True)  # only once the model and task loaded
+    _claim(lock, run_dir, resume)  # a fresh run locks here (a resume already did)
     save_config(config, run_dir / "config.yaml")
     optimizer = make_optimizer(setup)
     scheduler = make_scheduler(optimizer, config)
     start = checkpoint.load_state(ckpt, optimizer, scheduler, setup.scaler) if ckpt else 0
-    log = MetricsLog(run_dir, tensorboard=config.tensorboard, resume_from=start if resume else None)
+    # rows after the checkpoint (all rows, when there is none) belong to the interrupted run
+    log = MetricsLog(run_dir, tensorboard=config.tensorboard, resume_from=start if ckpt else None)
 
     start_eval = end_eval = None
     if start == 0:
-        start_eval = eval_metrics(greedy_eval(setup))
+        start_eval = _evaluate(setup, 0)
         log.log({"iteration": 0, **start_eval})
     iteration = start
     with (
@@ -94,7 +127,7 @@ def train(
             last = iteration == config.iterations
             row = {"iteration": iteration, **result.metrics}
             if last or _due(iteration, config.eval.every):
-                evals = eval_metrics(greedy_eval(setup))
+                evals = _evaluate(setup, iteration)
                 row.update(evals)
                 end_eval = evals if last else None
             log.log(row)
@@ -104,14 +137,7 @@ def train(
                 stop_after is not None and iteration - start >= stop_after
             )
             if last or stop_now or _due(iteration, config.checkpoint_every):
-                checkpoint.save(
-                    run_dir,
-                    iteration,
-                    lambda path: save_policy(setup.policy, path),
-                    optimizer,
-                    scheduler,
-                    scaler=setup.scaler,
-                )
+                _checkpoint(run_dir, setup, iteration, optimizer, scheduler, log)
             if on_iteration is not None:
                 on_iteration(iteration, row)
             bar.advance(row)
@@ -122,3 +148,37 @@ def train(
         checkpoint.save_final(run_dir, lambda path: save_policy(setup.policy, path))
     log.close()
     return TrainResult(run_dir, iteration, completed, stopper.requested, start_eval, end_eval)
+
+
+def _evaluate(setup: Setup, iteration: int) -> dict[str, Any]:
+    """Greedy evaluation metrics of the policy after `iteration` iterations."""
+    evals = eval_metrics(greedy_eval(setup))
+    faults.point("eval", iteration)  # test hook: killed during evaluation
+    return evals
+
+
+def _checkpoint(
+    run_dir: Path,
+    setup: Setup,
+    iteration: int,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    log: MetricsLog,
+) -> None:
+    """Checkpoint `iteration`, after the rows it covers are on disk: a kill anywhere in between
+    leaves either the rows and no checkpoint (resume redoes them) or both, never a lost row."""
+    log.sync()
+
+    def save_model(path: Path) -> None:
+        save_policy(setup.policy, path)
+        faults.point("checkpoint", iteration)  # test hook: killed with the checkpoint half written
+
+    checkpoint.save(
+        run_dir,
+        iteration,
+        save_model,
+        optimizer,
+        scheduler,
+        scaler=setup.scaler,
+        keep=setup.config.checkpoint_keep,
+    )

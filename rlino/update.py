@@ -8,13 +8,15 @@ top of it, under mixed precision on the compute copy (see `rlino.precision`).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
+from rlino.errors import UserError
 from rlino.losses import micro_batch_share, policy_loss
 from rlino.methods import Method, MethodParams
 from rlino.policy import token_logprobs_and_entropy
@@ -32,15 +34,24 @@ class TokenBatch:
     attn: torch.Tensor  # (N, Lp + Lc)
     mask: torch.Tensor  # (N, Lc) bool, real completion tokens
     start: int  # first completion column
+    temperature: float = 1.0
+    """the sampling temperature: log-probs are those of logits / T, the policy that sampled"""
 
     @classmethod
-    def from_rollouts(cls, r: Rollouts, device: torch.device) -> TokenBatch:
-        """Concatenate prompts and completions of `r` and move them to `device`."""
+    def from_rollouts(
+        cls, r: Rollouts, device: torch.device, temperature: float = 1.0
+    ) -> TokenBatch:
+        """Concatenate prompts and completions of `r` and move them to `device`.
+
+        `temperature` is the one the samples were drawn at (0, greedy, counts as 1): the update
+        differentiates the log-probs of that same policy, as TRL and verl do.
+        """
         return cls(
             ids=torch.cat([r.prompt_ids, r.completion_ids], dim=1).to(device),
             attn=torch.cat([r.prompt_mask, r.completion_mask], dim=1).to(device),
             mask=r.completion_mask.to(device),
             start=r.prompt_ids.shape[1],
+            temperature=temperature if temperature > 0 else 1.0,
         )
 
     def __len__(self) -> int:
@@ -89,7 +100,12 @@ def batch_logprobs(model: torch.nn.Module, batch: TokenBatch, rows: torch.Tensor
     left = int(attn[rows, :start].any(dim=0).long().argmax())  # first prompt column in use
     right = start + int(attn[rows, start:].sum(dim=1).max())  # last completion column in use
     logp, _ = token_logprobs_and_entropy(
-        model, ids[rows, left:right], attn[rows, left:right], start - left, with_entropy=False
+        model,
+        ids[rows, left:right],
+        attn[rows, left:right],
+        start - left,
+        temperature=batch.temperature,
+        with_entropy=False,
     )
     return logp  # (n, right - start)
 
@@ -118,19 +134,20 @@ def accumulate_gradients(
     old_logp: torch.Tensor | None = None,
     ref_logp: torch.Tensor | None = None,
     backward: Callable[[torch.Tensor], None] = torch.Tensor.backward,
-) -> tuple[float, dict[str, float], float]:
+) -> dict[str, float]:
     """Backward of the method's loss over `rows`, as one pass over `normaliser_rows` would give.
 
     weights: (N,) one per sample, or (N, Lc) one per token. `rows` may leave out samples that add
     nothing (weight 0, no KL); they still count in the loss's normaliser through
     `normaliser_rows`, so the gradient equals the naive computation over every sample. `backward`
     runs on each micro-batch's scaled loss (e.g. through an fp16 loss scaler, then adding the
-    compute copy's gradients into the master's). Returns (loss, stats, share run): the loss and
-    the stats weighted by each micro-batch's share; dividing the stats by the share run gives
-    their mean over the rows actually run.
+    compute copy's gradients into the master's).
+
+    Returns exact totals: `loss/policy`, `loss/kl`, `loss/total` and `kl` are the minibatch's own
+    values (each micro-batch's times its share); `tokens` counts the tokens run, and for the
+    clipped surrogate `clipped_tokens` and `ratio_sum` sum over them.
     """
-    loss_total, share_total = 0.0, 0.0
-    totals: dict[str, float] = {}
+    totals = dict.fromkeys(("loss/policy", "loss/kl", "loss/total", "kl", "tokens"), 0.0)
     for micro in micro_slices(batch, rows, cut):
         logp = batch_logprobs(model, batch, micro)
         width = logp.shape[1]
@@ -149,23 +166,70 @@ def accumulate_gradients(
             batch.mask[micro], batch.mask[normaliser_rows], params.aggregation
         )
         backward(loss * share)
-        for key, value in stats.items():
-            totals[key] = totals.get(key, 0.0) + float(value) * share
-        loss_total += float(loss.detach()) * share
-        share_total += share
-    return loss_total, totals, share_total
+        for key in ("loss/policy", "loss/kl", "loss/total", "kl"):
+            totals[key] += stats[key] * share
+        tokens = float(mask.sum())
+        totals["tokens"] += tokens
+        if "clip_frac" in stats:  # token means over this micro-batch -> token sums
+            totals["clipped_tokens"] = (
+                totals.get("clipped_tokens", 0.0) + stats["clip_frac"] * tokens
+            )
+            totals["ratio_sum"] = totals.get("ratio_sum", 0.0) + stats["ratio_mean"] * tokens
+    return totals
 
 
-def optimizer_step(setup: Setup, optimizer: torch.optim.Optimizer) -> float | None:
+def token_means(totals: dict[str, float]) -> dict[str, float]:
+    """clip_frac and ratio_mean over the tokens run, from `accumulate_gradients`' totals."""
+    if "clipped_tokens" not in totals or not totals["tokens"]:
+        return {}
+    return {
+        "clip_frac": totals["clipped_tokens"] / totals["tokens"],
+        "ratio_mean": totals["ratio_sum"] / totals["tokens"],
+    }
+
+
+def flat_grad(model: torch.nn.Module) -> torch.Tensor:
+    """The trainable parameters' gradients as one fp32 vector (zeros where there is none)."""
+    return torch.cat(
+        [
+            (p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1).float()
+            for p in model.parameters()
+            if p.requires_grad
+        ]
+    )
+
+
+NONFINITE = -1.0
+"""`optimizer_step`'s answer for a step skipped because the loss or gradient was NaN/inf."""
+
+
+def optimizer_step(
+    setup: Setup, optimizer: torch.optim.Optimizer, loss: float = 0.0
+) -> float | None:
     """Unscale, clip and step the master weights, then refresh the compute copy.
 
-    Returns the gradient norm before clipping, or None when fp16 loss scaling skipped the step
-    because the gradients overflowed.
+    Returns the gradient norm before clipping; None when fp16 loss scaling skipped the step
+    because the gradients overflowed (normal, the scale adapts); NONFINITE when the loss or the
+    gradient is NaN/inf otherwise: the step is skipped, weights and optimiser state untouched, and
+    after `optim.max_nonfinite_steps` such steps in a row the run stops (UserError) before
+    anything poisoned reaches a checkpoint.
     """
     scaler = setup.scaler
     scaler.unscale_(optimizer)
     clip = setup.config.optim.grad_clip if setup.config.optim.grad_clip > 0 else math.inf
     norm = float(torch.nn.utils.clip_grad_norm_(setup.policy.model.parameters(), clip))
+    if not scaler.is_enabled() and not (math.isfinite(norm) and math.isfinite(loss)):
+        optimizer.zero_grad(set_to_none=False)
+        setup.nonfinite_streak += 1
+        limit = setup.config.optim.max_nonfinite_steps
+        if setup.nonfinite_streak >= limit:
+            raise UserError(
+                f"{limit} optimiser steps in a row had a non-finite loss or gradient (skipped, "
+                "weights untouched); the run stops here, its last checkpoint is intact: lower "
+                "optim.lr, clip gradients (optim.grad_clip) or check the rewards"
+            )
+        return NONFINITE
+    setup.nonfinite_streak = 0
     scale = scaler.get_scale()
     scaler.step(optimizer)  # a no-op if the gradients overflowed
     scaler.update()
@@ -174,14 +238,67 @@ def optimizer_step(setup: Setup, optimizer: torch.optim.Optimizer) -> float | No
     return None if scaler.is_enabled() and scaler.get_scale() < scale else norm
 
 
+def _likelihood_cosine(
+    setup: Setup,
+    batch: TokenBatch,
+    weights: torch.Tensor,
+    rows: torch.Tensor,
+    normaliser_rows: torch.Tensor,
+    cut: MicroBatching,
+    backward: Callable[[torch.Tensor], None],
+) -> float:
+    """cos(gradient now accumulated, gradient of the plain weighted likelihood, same weights).
+
+    Both at the current parameters, over the same rows and normaliser: the update actually taken
+    (ratio, clip, KL) against filtered SFT with its weights. Costs one extra backward; the
+    accumulated gradient is put back untouched.
+    """
+    from rlino.analysis.gradients import compare_gradients
+
+    master = setup.policy.model
+    taken = [None if p.grad is None else p.grad.clone() for p in master.parameters()]
+    actual = flat_grad(master)
+    for p in master.parameters():
+        p.grad = None
+    plain = dataclasses.replace(setup.params, surrogate="likelihood", beta=0.0)
+    accumulate_gradients(
+        setup.compute_policy.model,
+        batch,
+        setup.method,
+        plain,
+        weights,
+        rows,
+        normaliser_rows,
+        cut,
+        backward=backward,
+    )
+    cosine = compare_gradients(flat_grad(master), actual)["cosine"]
+    for p, grad in zip(master.parameters(), taken, strict=True):
+        p.grad = grad
+    return cosine
+
+
 def update(
-    setup: Setup, batch: TokenBatch, weights: torch.Tensor, optimizer: torch.optim.Optimizer
-) -> dict[str, float]:
+    setup: Setup,
+    batch: TokenBatch,
+    weights: torch.Tensor,
+    optimizer: torch.optim.Optimizer,
+    *,
+    trainable: torch.Tensor | None = None,
+    track_equivalence: bool = False,
+) -> dict[str, Any]:
     """mu passes of minibatched, gradient-accumulated optimiser steps on one rollout batch.
 
     weights: (P, G) or (N,) per sample, or (N, Lc) per token. Samples whose weights are all 0
     (filtered groups) add nothing to the policy gradient, so they are not run through the model
-    unless a KL term needs them; they still count in the loss's normaliser.
+    unless a KL term needs them; they still count in the loss's normaliser. `trainable` (N,) bool
+    leaves samples out of the update altogether, normaliser included (overlong filtering).
+    `track_equivalence`: at each optimiser step also compare the gradient taken with the plain
+    weighted likelihood's (`equiv/...`).
+
+    Returns the namespaced update metrics: `loss/...` (exact minibatch losses, mean over the
+    optimiser steps), `optim/...` (lr-independent step statistics; clip fraction and ratio over
+    every token run), and `equiv/...` when tracked.
     """
     cfg, params, method = setup.config, setup.params, setup.method
     model = setup.compute_policy.model  # runs every pass: the policy, or its compute-dtype copy
@@ -191,8 +308,14 @@ def update(
         weights = weights.reshape(-1)  # (P, G) -> (N,)
     n = len(batch)
     has_weight = weights != 0 if weights.dim() == 1 else (weights != 0).any(dim=1)  # (N,)
+    keep = (
+        torch.ones(n, dtype=torch.bool, device=device)
+        if trainable is None
+        else trainable.to(device)
+    )
     needs_kl = setup.reference is not None
-    needs_old = method.surrogate == "clipped" and (params.mu > 1 or cfg.optim.minibatch_size < n)
+    clipped = (params.surrogate or method.surrogate) == "clipped"
+    needs_old = clipped and (params.mu > 1 or cfg.optim.minibatch_size < n)
     cut = MicroBatching(cfg.optim.micro_batch_size, cfg.optim.micro_batch_tokens)
 
     model.eval()
@@ -205,45 +328,65 @@ def update(
         if setup.compute_copy is not None:
             setup.compute_copy.accumulate_grads()
 
-    loss_total, share_total = 0.0, 0.0
-    stat_totals: dict[str, float] = {}
-    steps = skipped = 0
-    grad_norms = []
+    sums: dict[str, float] = {}
+    steps = skipped = nonfinite = 0
+    grad_norms, offpolicy_clip = [], [0.0, 0.0]
+    cosines: list[float | None] = []
     all_rows = torch.arange(n, device=device)
     for _ in range(params.mu):
         for mb in all_rows.split(cfg.optim.minibatch_size):
             optimizer.zero_grad(set_to_none=False)
-            active = mb if needs_kl else mb[has_weight[mb]]
-            loss, stats, share = accumulate_gradients(
+            kept = mb[keep[mb]]
+            active = kept if needs_kl else kept[has_weight[kept]]
+            totals = accumulate_gradients(
                 model,
                 batch,
                 method,
                 params,
                 weights,
                 active,
-                mb,
+                kept,
                 cut,
                 old_logp=old_logp,
                 ref_logp=ref_logp,
                 backward=backward,
             )
-            loss_total += loss
-            share_total += share
-            for key, value in stats.items():
-                stat_totals[key] = stat_totals.get(key, 0.0) + value
-            norm = optimizer_step(setup, optimizer)
+            for key, value in totals.items():
+                sums[key] = sums.get(key, 0.0) + value
+            if steps and "clipped_tokens" in totals:
+                offpolicy_clip[0] += totals["clipped_tokens"]
+                offpolicy_clip[1] += totals["tokens"]
+            if track_equivalence:  # one entry per step; None where no row carried weight
+                cosines.append(
+                    _likelihood_cosine(setup, batch, weights, active, kept, cut, backward)
+                    if len(active)
+                    else None
+                )
+            norm = optimizer_step(setup, optimizer, totals["loss/total"])
             if norm is None:
                 skipped += 1
+            elif norm == NONFINITE:
+                nonfinite += 1
             else:
                 grad_norms.append(norm)
             steps += 1
-    # The loss is the minibatch loss (skipped rows add 0 to it); the other statistics (ratio,
-    # clipping, KL) are means over the rows that were actually run through the model.
-    out = {key: value / share_total for key, value in stat_totals.items()}
-    out["loss"] = loss_total / steps
-    out["grad_norm"] = sum(grad_norms) / len(grad_norms) if grad_norms else None
-    out["optimizer_steps"] = steps
+    out: dict[str, Any] = {
+        key: sums[key] / steps for key in ("loss/policy", "loss/kl", "loss/total")
+    }
+    out["optim/kl"] = sums["kl"] / steps
+    out["optim/grad_norm"] = sum(grad_norms) / len(grad_norms) if grad_norms else None
+    out["optim/steps"] = steps
+    out["optim/nonfinite_steps"] = nonfinite
+    out.update({f"optim/{key}": value for key, value in token_means(sums).items()})
     if setup.scaler.is_enabled():
         out["optim/skipped_steps"] = skipped  # overflowed fp16 gradients
         out["optim/loss_scale"] = setup.scaler.get_scale()
+    if track_equivalence:
+        later = [c for c in cosines[1:] if c is not None]
+        out["equiv/cosine_onpolicy"] = cosines[0]  # None: the first minibatch was all filtered
+        if steps > 1:
+            out["equiv/cosine_offpolicy"] = sum(later) / len(later) if later else None
+            out["equiv/clip_frac"] = (
+                offpolicy_clip[0] / offpolicy_clip[1] if offpolicy_clip[1] else None
+            )
     return out

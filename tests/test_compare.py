@@ -73,7 +73,7 @@ def _rows(start: float, end: float, wrong_len: float, iterations: int = 4) -> li
             "train/length_wrong": wrong_len + it,
             "time/rollout_s": 1.0,
             "time/update_s": 0.5,
-            "tokens/sampled": 100,
+            "train/sampled_tokens": 100,
         }
         if it in (2, iterations):
             row.update(
@@ -323,3 +323,23 @@ def test_cli_compare_smoke(tiny_random_model_dir: Path, tmp_path: Path) -> None:
     assert done.stdout.strip().splitlines()[-1] == f"report: {out / 'report.md'}"
     summary = json.loads((out / "summary.json").read_text())
     assert list(summary["methods"]) == ["grpo", "fisft+"]
+
+
+def test_entries_on_a_preset_keep_its_method_settings() -> None:
+    """A compare entry on a GPU preset keeps the preset's method settings that apply to it (GRPO's
+    beta 0.001, token-mean, the clipped surrogate) and drops what its method cannot use, as
+    `rlino train -c PRESET --method NAME` does."""
+    spec = spec_from_dict(
+        {
+            "preset": "qwen2.5-0.5-gsm8k",
+            "methods": [
+                {"name": "grpo"},
+                {"name": "fisft+-"},
+                {"label": "g2", "name": "grpo", "beta": 0.002},
+            ],
+        }
+    )
+    grpo, fisft, g2 = (run_config(spec, entry, 0).method for entry in spec.methods)
+    assert (grpo.beta, grpo.aggregation, grpo.surrogate) == (0.001, "token-mean", "clipped")
+    assert (fisft.beta, fisft.aggregation, fisft.surrogate) == (0.0, "token-mean", "clipped")
+    assert g2.beta == 0.002

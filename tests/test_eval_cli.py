@@ -33,6 +33,8 @@ def test_greedy_eval_json_and_saved_completions_regrade(tmp_path: Path) -> None:
     assert {"mean_length_correct", "mean_length_wrong", "format_rate"} <= set(result)
     records = [json.loads(line) for line in saved.read_text().splitlines()]
     assert len(records) == 12 and all("response" in r and "numbers" in r for r in records)
+    truncated = sum(not r["finished"] for r in records) / 12
+    assert result["truncated_rate"] == pytest.approx(truncated)
     graded = rlino("grade", "--task", "countdown", str(saved))
     assert graded.returncode == 0, graded.stderr
     regraded = [json.loads(line) for line in graded.stdout.splitlines()]
@@ -49,6 +51,24 @@ def test_sampled_eval_reports_pass_at_k() -> None:
     assert {"pass@1", "pass@2", "pass@4", "mean@4"} <= set(result)
     assert result["pass@1"] == pytest.approx(result["mean@4"])
     assert result["pass@1"] <= result["pass@2"] <= result["pass@4"]
+
+
+def test_truncated_rate_counts_completions_cut_at_max_new_tokens(one_thread: None) -> None:
+    """The shipped tiny base ends its first 8 answers after 61-67 tokens (an EOS or `</answer>`)."""
+    from rlino.evaluate import evaluate
+    from rlino.policy import load_policy
+    from rlino.resolve import tiny_model_dir
+    from rlino.tasks import get_task
+
+    policy = load_policy(str(tiny_model_dir()), device="cpu", dtype="fp32")
+    task = get_task("countdown")
+    examples = task.examples("test")[:8]
+    for max_new_tokens, rate in [(1, 1.0), (2, 1.0), (64, 0.25), (128, 0.0)]:
+        report = evaluate(policy, task, examples, max_new_tokens=max_new_tokens)
+        assert report.truncated_rate == rate, max_new_tokens
+        assert report.summary()["truncated_rate"] == rate
+        cut = [c for c in report.completions if not c.finished]
+        assert len(cut) / 8 == rate and all(c.length == max_new_tokens for c in cut)
 
 
 @pytest.mark.parametrize(

@@ -258,7 +258,11 @@ def test_plain_jsonl_shadows_the_gzipped_copy_beside_it(tmp_path: Path) -> None:
 
 def test_settings_are_json_serialisable() -> None:
     settings = GSM8KTask(path="x", format_bonus=0.5).settings()
-    assert json.loads(json.dumps(settings)) == {"path": "x", "format_bonus": 0.5}
+    assert json.loads(json.dumps(settings)) == {
+        "path": "x",
+        "format_bonus": 0.5,
+        "extraction": "flexible",
+    }
 
 
 def test_missing_local_path_is_a_user_error(tmp_path: Path) -> None:
@@ -291,3 +295,67 @@ def test_unreachable_hub_is_a_user_error_naming_the_fix() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120
     ).stdout
     assert "could not load Hugging Face dataset 'openai/gsm8k'" in out and "--data takes" in out
+
+
+RAMBLE = (
+    "Janet has 16 eggs. She eats 3 and bakes 4, so 16 - 3 - 4 = 9 are left. She sells them at 2 "
+    "each, 9 * 2 = 18. Then 18 + 18 = 36? No wait, let me count again: 16 - 3 - 4 = 9, 9 * 2 = 18"
+)
+
+
+@pytest.mark.parametrize(
+    ("completion", "flexible", "strict"),
+    [
+        (RAMBLE, True, False),  # the last number is the gold answer: only flexible reads it
+        ("So she makes 18 dollars", True, False),
+        ("The answer is 18", True, False),  # not a template marker
+        ("#### 18", True, True),
+        ("She makes 9 * 2 = 18.\n#### 18", True, True),
+        ("\\boxed{18}", True, True),
+        ("so the total is $\\boxed{18}$ dollars", True, True),
+        ("<answer>18</answer>", True, True),
+        ("<think>9 * 2 = 18</think> <answer> 18 </answer>", True, True),
+        (RAMBLE + " <answer>17</answer>", False, False),
+        ("<answer>18", True, False),  # cut before the closing tag: no block
+        ("#### Step 1\n9 * 2 = 18", True, False),  # a heading, not an answer
+        ("", False, False),
+    ],
+)
+def test_strict_extraction_needs_a_marker(completion: str, flexible: bool, strict: bool) -> None:
+    example = {"gold": "18"}
+    assert GSM8KTask().score(completion, example).correct is flexible
+    assert GSM8KTask(extraction="flexible").score(completion, example).correct is flexible
+    score = GSM8KTask(extraction="strict").score(completion, example)
+    assert score.correct is strict
+    assert score.reward == (1.0 if strict else 0.0)
+    if not score.format_ok:
+        assert score.extracted is None  # strict reads nothing outside a marker
+
+
+def test_strict_extraction_rules() -> None:
+    assert find_answer("The answer is 1", "strict").rule == "none"
+    assert find_answer("so 1", "strict").rule == "none"
+    assert find_answer("\\boxed{1}", "strict").rule == "boxed"
+    assert find_answer("#### 1", "strict").rule == "hashes"
+    assert find_answer("<answer>1</answer>", "strict").rule == "answer_block"
+
+
+def test_extraction_option_via_get_task_and_settings() -> None:
+    assert get_task("gsm8k", extraction="strict").settings()["extraction"] == "strict"
+    assert GSM8KTask().settings()["extraction"] == "flexible"
+
+
+@pytest.mark.parametrize("value", ["lenient", "", "STRICT", 1, None])
+def test_unknown_extraction_is_a_one_line_user_error(value: object) -> None:
+    with pytest.raises(UserError, match="extraction must be one of flexible, strict") as info:
+        get_task("gsm8k", extraction=value)
+    assert "\n" not in str(info.value)
+
+
+def test_unknown_extraction_exits_2_on_the_command_line() -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "rlino", "grade", "--task", "gsm8k", "--task-opt", "extraction=x", "-"],
+        capture_output=True, text=True, input="", timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 2
+    assert len(proc.stderr.strip().splitlines()) == 1 and "extraction" in proc.stderr

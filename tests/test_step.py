@@ -28,10 +28,10 @@ def test_step_logs_the_loop_row_and_trains(tiny_random_model_dir: Path) -> None:
     p, g = setup.config.rollout.prompts_per_iter, setup.config.rollout.samples_per_prompt
     assert result.weights.shape == (p, g) and result.scored.rewards.shape == (p, g)
     row = result.metrics
-    for key in ("train/reward_mean", "train/weight_sum_mean", "loss", "lr", "time/rollout_s"):
+    for key in ("train/reward_mean", "train/weight_sum_mean", "loss/total", "time/rollout_s"):
         assert key in row, key
-    assert row["lr"] == setup.config.optim.lr
-    assert row["tokens/sampled"] == int(result.scored.lengths.sum())
+    assert row["optim/lr"] == setup.config.optim.lr
+    assert row["train/sampled_tokens"] == int(result.scored.lengths.sum())
     assert "train/mc_tokens" not in row  # grpo draws no extra samples
     after = list(setup.policy.model.parameters())
     assert any(not torch.equal(a, b) for a, b in zip(before, after, strict=True))
@@ -94,4 +94,4 @@ def test_a_per_token_method_with_a_sampler_runs_in_the_one_loop(
     assert result.weights.shape == result.scored.completion_ids.shape
     assert bool((result.weights[:, 1:] == 0).all()) and bool((result.weights[:, 0] != 0).any())
     assert result.metrics["train/mc_tokens"] >= n * 2  # at least one token per continuation
-    assert result.metrics["grad_norm"] > 0
+    assert result.metrics["optim/grad_norm"] > 0

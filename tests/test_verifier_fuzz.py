@@ -1,4 +1,5 @@
-"""Both verifiers on random and hostile strings: no exception escapes, and every call is fast.
+"""Both verifiers (GSM8K with flexible and strict extraction) on random and hostile strings: no
+exception escapes, and every call is fast.
 
 Each call is timed as the best of 3 runs (so a scheduler hiccup on a busy machine is not counted)
 and must take under 10 ms. Hypothesis budgets are kept moderate so this file runs in seconds.
@@ -20,6 +21,7 @@ from rlino.verify.gsm8k import find_answer, gold_from_solution, parse_number
 
 LIMIT_S = 0.010
 GSM8K = GSM8KTask()
+GSM8K_STRICT = GSM8KTask(extraction="strict")
 COUNTDOWN = CountdownTask()
 GSM8K_EXAMPLE = {"gold": "18"}
 COUNTDOWN_EXAMPLE = {"numbers": [3, 5, 7], "target": 22}
@@ -120,10 +122,20 @@ def timed(fn, *args):
 
 
 def check_gsm8k(text: str) -> float:
-    score, elapsed = timed(GSM8K.score, text, GSM8K_EXAMPLE)
-    assert isinstance(score.correct, bool) and score.reward in (0.0, 1.0)
-    assert isinstance(score.extracted, str | None)
-    return elapsed
+    worst = 0.0
+    for task in (GSM8K, GSM8K_STRICT):
+        score, elapsed = timed(task.score, text, GSM8K_EXAMPLE)
+        assert isinstance(score.correct, bool) and score.reward in (0.0, 1.0)
+        assert isinstance(score.extracted, str | None)
+        worst = max(worst, elapsed)
+    strict = GSM8K_STRICT.score(text, GSM8K_EXAMPLE)
+    assert strict.format_ok or (strict.extracted is None and not strict.correct)
+    assert not strict.correct or GSM8K.score(text, GSM8K_EXAMPLE).correct  # strict only drops
+    return worst
+
+
+def find_answer_strict(text: str) -> object:
+    return find_answer(text, "strict")
 
 
 def check_countdown(text: str) -> float:
@@ -141,6 +153,7 @@ def check_helpers(text: str) -> float:
         parse_number,
         gold_from_solution,
         find_answer,
+        find_answer_strict,
     ):
         _, elapsed = timed(fn, text)
         worst = max(worst, elapsed)

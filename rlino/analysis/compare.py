@@ -27,6 +27,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, fields
@@ -202,11 +203,25 @@ def spec_from_flags(
     return spec_from_dict(data)
 
 
+def method_block(spec: CompareSpec, entry: MethodEntry) -> tuple[dict[str, Any], list[str]]:
+    """The entry's `method:` settings over the preset's that apply to its method (as
+    `rlino train -c PRESET --method NAME` does), and a note per preset setting dropped."""
+    from rlino.methods import carry_params
+
+    data = deep_merge(read_yaml(preset_path(spec.preset)) if spec.preset else {}, spec.train)
+    block = data.get("method")
+    name = str(entry.params.get("name", ""))
+    carried, notes = carry_params(
+        block if isinstance(block, dict) else {}, name, who=f"run {entry.label}"
+    )
+    return {**carried, **entry.params}, [n for k, n in notes.items() if k not in entry.params]
+
+
 def run_config(spec: CompareSpec, entry: MethodEntry, seed: int) -> TrainConfig:
     """The validated TrainConfig of run (entry, seed)."""
     data = read_yaml(preset_path(spec.preset)) if spec.preset else {}
     data = deep_merge(data, spec.train)
-    data["method"] = dict(entry.params)
+    data["method"], _ = method_block(spec, entry)
     data["seed"] = seed
     config: TrainConfig = from_dict(TrainConfig, data)
     if config.method.aggregation == "constant" and config.method.constant_length is None:
@@ -232,14 +247,23 @@ def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def config_mismatch(config: TrainConfig, run_dir: Path) -> list[str]:
-    """Keys where the run's saved config.yaml differs from `config` (ignoring harmless ones)."""
+    """Keys where the run's saved config.yaml differs from `config` (ignoring harmless ones).
+
+    A key the saved config lacks (a setting added to rlino after the run was made) counts only if
+    `config` sets it away from its default: the run was made with the default behaviour.
+    """
     path = run_dir / "config.yaml"
     if not path.is_file():
         return []
     saved = _flatten(yaml.safe_load(path.read_text()) or {})
     wanted = _flatten(to_dict(config))
+    defaults = _flatten(to_dict(TrainConfig()))
     keys = sorted(set(saved) | set(wanted))
-    return [k for k in keys if k not in IGNORED_WHEN_RESUMING and saved.get(k) != wanted.get(k)]
+    return [
+        k
+        for k in keys
+        if k not in IGNORED_WHEN_RESUMING and saved.get(k, defaults.get(k)) != wanted.get(k)
+    ]
 
 
 TrainFn = Callable[..., Any]
@@ -272,6 +296,9 @@ def run_compare(
     out_dir = Path(out_dir)
     runs = [(entry, seed) for entry in spec.methods for seed in spec.seeds]
     configs = {run_name(e.label, s): run_config(spec, e, s) for e, s in runs}
+    for entry in spec.methods:
+        for note in method_block(spec, entry)[1]:
+            print(note, file=sys.stderr)
     check_layout(out_dir / "runs")
     for name, config in configs.items():
         if diff := config_mismatch(config, out_dir / "runs" / name):

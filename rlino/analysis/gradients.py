@@ -30,20 +30,18 @@ def loss_backward(
     old_logp: torch.Tensor | None = None,
     ref_logp: torch.Tensor | None = None,
 ) -> dict[str, float]:
-    """Backward of the method's loss over the whole batch; returns the loss stats averaged over it.
-
-    Every sample is run (none skipped for weight 0), so the stats are over the whole batch.
-    """
+    """Backward of the method's loss over the whole batch; returns its k3 KL and, for the clipped
+    surrogate, the clip fraction and mean ratio over every token of the batch."""
     import torch
 
-    from rlino.update import MicroBatching, accumulate_gradients
+    from rlino.update import MicroBatching, accumulate_gradients, token_means
 
     method, resolved = resolve(params)
     if resolved.aggregation == "constant" and resolved.constant_length is None:
         resolved = replace(resolved, constant_length=tokens.mask.shape[1])
     weights = weigh(method, resolved, scored).to(tokens.mask.device)
     rows = torch.arange(len(tokens), device=tokens.mask.device)
-    _, stats, _ = accumulate_gradients(
+    totals = accumulate_gradients(
         model,
         tokens,
         method,
@@ -55,24 +53,20 @@ def loss_backward(
         old_logp=old_logp,
         ref_logp=ref_logp,
     )
-    return stats
+    return {"kl": totals["kl"], **token_means(totals)}
 
 
 def flat_gradient(
     model: torch.nn.Module, scored: Scored, tokens: TokenBatch, params: MethodParams, **kwargs: Any
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """The loss's gradient w.r.t. every trainable parameter, flattened to one fp32 vector."""
-    import torch
+    from rlino.update import flat_grad
 
     model.zero_grad(set_to_none=True)
     stats = loss_backward(model, scored, tokens, params, **kwargs)
-    parts = [
-        (p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1).float()
-        for p in model.parameters()
-        if p.requires_grad
-    ]
+    grad = flat_grad(model)  # (num_params,)
     model.zero_grad(set_to_none=True)
-    return torch.cat(parts), stats  # (num_params,)
+    return grad, stats
 
 
 def _dot(a: torch.Tensor, b: torch.Tensor, chunk: int = 1 << 24) -> float:

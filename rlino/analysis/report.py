@@ -58,6 +58,10 @@ class RunSummary:
     wall_s: float | None
     """seconds in train() (run_compare's record), else the summed rollout + update times"""
     tokens_sampled: int
+    equiv_cosine_onpolicy: float | None = None
+    equiv_cosine_offpolicy: float | None = None
+    equiv_clip_frac: float | None = None
+    """means over the iterations where equivalence was tracked (analysis.equivalence_every)"""
 
 
 def _last(rows: list[dict[str, Any]], key: str) -> float | None:
@@ -100,8 +104,16 @@ def summarize_rows(rows: list[dict[str, Any]], label: str, seed: int, finished: 
         train_length_correct_last=_last(train_rows, "train/length_correct"),
         train_length_wrong_last=_last(train_rows, "train/length_wrong"),
         wall_s=sum(timed) if timed else None,
-        tokens_sampled=int(sum(r.get("tokens/sampled", 0) or 0 for r in train_rows)),
+        tokens_sampled=int(sum(r.get("train/sampled_tokens", 0) or 0 for r in train_rows)),
+        equiv_cosine_onpolicy=_mean_of(train_rows, "equiv/cosine_onpolicy"),
+        equiv_cosine_offpolicy=_mean_of(train_rows, "equiv/cosine_offpolicy"),
+        equiv_clip_frac=_mean_of(train_rows, "equiv/clip_frac"),
     )
+
+
+def _mean_of(rows: list[dict[str, Any]], key: str) -> float | None:
+    values = [float(r[key]) for r in rows if r.get(key) is not None]
+    return sum(values) / len(values) if values else None
 
 
 def run_name(label: str, seed: int) -> str:
@@ -164,6 +176,9 @@ SUMMARY_FIELDS = (
     "train_length_wrong_last",
     "wall_s",
     "tokens_sampled",
+    "equiv_cosine_onpolicy",
+    "equiv_cosine_offpolicy",
+    "equiv_clip_frac",
 )
 
 
@@ -278,6 +293,26 @@ def render_markdown(table: dict[str, dict[str, Any]], title: str, plots: Sequenc
             f"| {label} | {e['finished']}/{len(e['seeds'])} | {_mean(e['wall_s'], 0)} "
             f"| {_mean(e['tokens_sampled'], 0)} |"
         )
+    tracked = [label for label, e in table.items() if e["equiv_cosine_onpolicy"] is not None]
+    if tracked:
+        lines += [
+            "",
+            "## Gradient equivalence along training",
+            "",
+            "Cosine between the gradient of the update taken and that of the plain weighted "
+            "likelihood with the same weights, at the same parameters: on the first optimiser "
+            "step of an iteration (on-policy) and on the later ones (off-policy: the ratio has "
+            "left 1); mean over tracked iterations, then mean ± std over seeds.",
+            "",
+            "| method | cosine, first step | cosine, later steps | clipped tokens, later steps |",
+            "|---|---|---|---|",
+        ]
+        for label in tracked:
+            e = table[label]
+            lines.append(
+                f"| {label} | {_fmt(e['equiv_cosine_onpolicy'], 4)} "
+                f"| {_fmt(e['equiv_cosine_offpolicy'], 4)} | {_fmt(e['equiv_clip_frac'], 4)} |"
+            )
     if plots:
         lines += ["", "## Plots", ""]
         lines += [f"![{Path(p).stem}]({p})" for p in plots]
@@ -329,6 +364,23 @@ def write_report(out_dir: Path, title: str = "rlino comparison") -> dict[str, An
         )
     }
     plots = comparison_plots(plot_curves, out_dir)
+    on, off = (
+        curves(rows_by_run, "equiv/cosine_onpolicy"),
+        curves(rows_by_run, "equiv/cosine_offpolicy"),
+    )
+    if any(c["iteration"] for c in on.values()):
+        from rlino.analysis.plots import line_plot
+
+        both = {f"{k}, first step": v for k, v in on.items()}
+        both.update({f"{k}, later steps": v for k, v in off.items() if v["iteration"]})
+        plots.append(
+            line_plot(
+                both,
+                out_dir / "equivalence.png",
+                title="cos(update taken, weighted-likelihood gradient)",
+                ylabel="cosine",
+            )
+        )
     summary = {
         "methods": table,
         "runs": [asdict(s) for s in summaries],

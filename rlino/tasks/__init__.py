@@ -7,7 +7,13 @@ from typing import Any
 
 from rlino.errors import UserError
 from rlino.tasks.base import Example, Score, Task
-from rlino.tasks.templates import Template, get_template, register_template, template_names
+from rlino.tasks.templates import (
+    Template,
+    encode_prompts,
+    get_template,
+    register_template,
+    template_names,
+)
 
 _REGISTRY: dict[str, Callable[..., Task]] = {}
 
@@ -49,6 +55,7 @@ __all__ = [
     "Score",
     "Task",
     "Template",
+    "encode_prompts",
     "get_task",
     "get_template",
     "register_task",

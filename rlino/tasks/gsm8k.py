@@ -6,6 +6,8 @@ Data comes from the copy shipped in `rlino/data/gsm8k/` (MIT, from openai/grade-
 (used for every split), or a Hugging Face dataset id (`openai/gsm8k`, config `main`).
 Nothing is read until `examples()` is called, so scoring (e.g. `rlino grade`) never touches data.
 The verifier is `rlino.verify.gsm8k`: extraction rules and number normalisation are listed there.
+Option `extraction`: `flexible` (default; falls back to "the answer is" and the last number) or
+`strict` (only an `<answer>` block, `\\boxed{}` or `####` counts, as the paper's verifier).
 """
 
 from __future__ import annotations
@@ -25,7 +27,13 @@ from rlino.tasks.records import (
     read_file,
     split_files,
 )
-from rlino.verify.gsm8k import answers_equal, find_answer, format_number, gold_from_solution
+from rlino.verify.gsm8k import (
+    EXTRACTIONS,
+    answers_equal,
+    find_answer,
+    format_number,
+    gold_from_solution,
+)
 
 SHIPPED_DIR = Path(__file__).resolve().parents[1] / "data" / "gsm8k"
 """The GSM8K copy shipped with rlino: train.jsonl.gz, test.jsonl.gz, LICENSE."""
@@ -44,15 +52,23 @@ class GSM8KTask(Task):
 
     name = "gsm8k"
 
-    def __init__(self, path: str | None = None, format_bonus: float = 0.0) -> None:
+    def __init__(
+        self, path: str | None = None, format_bonus: float = 0.0, extraction: str = "flexible"
+    ) -> None:
+        if extraction not in EXTRACTIONS:
+            raise UserError(
+                f"gsm8k extraction must be one of {', '.join(EXTRACTIONS)}, got {extraction!r}"
+            )
         self.path = path
         """Local dir / JSONL file / HF dataset id; None: $RLINO_GSM8K, else the shipped copy."""
         self.format_bonus = float(format_bonus)
         """Added to the reward when the answer is marked (answer block, boxed, ####, answer is)."""
+        self.extraction = extraction
+        """flexible: any marker, else the last number; strict: only <answer>, \\boxed{} or ####."""
         self._cache: dict[str, list[Example]] = {}
 
     def settings(self) -> dict[str, Any]:
-        return {"path": self.path, "format_bonus": self.format_bonus}
+        return {"path": self.path, "format_bonus": self.format_bonus, "extraction": self.extraction}
 
     def source(self) -> str:
         """Where examples come from: the `path` option, else $RLINO_GSM8K, else the shipped copy."""
@@ -68,7 +84,7 @@ class GSM8KTask(Task):
         return str(example["question"])
 
     def score(self, completion: str, example: Example) -> Score:
-        found = find_answer(completion)
+        found = find_answer(completion, self.extraction)
         gold = example.get("gold") or gold_from_solution(example.get("answer")) or ""
         correct = answers_equal(found.value, gold)
         reward = (1.0 if correct else 0.0) + (self.format_bonus if found.format_ok else 0.0)

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import gzip
 import json
+import math
 import zlib
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, BinaryIO
 
 from rlino.errors import UserError
 
@@ -22,35 +23,77 @@ DATA_SUFFIXES = (".jsonl", ".jsonl.gz", ".json", ".parquet")
 def read_file(path: Path) -> list[Record]:
     """All records of one JSONL (one object per line; gzipped if it ends in .gz) or parquet file."""
     if path.suffix == ".parquet":
-        import pyarrow.parquet as pq
-
-        return pq.read_table(path).to_pylist()
+        return _read_parquet(path)
     records = []
-    lineno = 0
     try:
-        with _open_text(path) as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise UserError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
-                if not isinstance(record, dict):
-                    raise UserError(f"{path}:{lineno}: expected a JSON object per line")
-                records.append(record)
-    except UnicodeDecodeError:
-        raise UserError(f"{path}: not UTF-8 text (bad bytes after line {lineno})") from None
+        with _open_bytes(path) as f:
+            for lineno, raw in enumerate(f, 1):
+                record = _parse_line(path, lineno, raw)
+                if record is not None:
+                    records.append(record)
     except (gzip.BadGzipFile, EOFError, zlib.error) as e:  # corrupt or truncated .gz
         raise UserError(f"{path}: not a readable gzip file ({e or type(e).__name__})") from None
+    except IsADirectoryError:
+        raise UserError(f"{path}: is a directory, not a data file") from None
     return records
 
 
-def _open_text(path: Path) -> TextIO:
-    """`path` opened as UTF-8 text, decompressed on the fly when it ends in .gz."""
+def _parse_line(path: Path, lineno: int, raw: bytes) -> Record | None:
+    """The JSON object on line `lineno` (None for a blank line); UserError naming file and line.
+
+    Lines are decoded one by one so that bad bytes are reported on their own line. NaN, Infinity
+    and numbers beyond float range (1e400) are refused: no task field can use them, and they
+    would surface later as an overflow far from the file.
+    """
+    try:
+        line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")  # a leading BOM is harmless
+    except UnicodeDecodeError:
+        raise UserError(f"{path}:{lineno}: not UTF-8 text") from None
+    if not line.strip():
+        return None
+    try:
+        record = json.loads(line, parse_constant=_refuse_constant, parse_float=_finite_float)
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+    except ValueError as e:  # _refuse_constant, _finite_float, or an int of over 4300 digits
+        raise UserError(f"{path}:{lineno}: {str(e).splitlines()[0][:120]}") from None
+    except RecursionError:
+        raise UserError(f"{path}:{lineno}: JSON nested too deep") from None
+    if not isinstance(record, dict):
+        raise UserError(f"{path}:{lineno}: expected a JSON object per line")
+    return record
+
+
+def _refuse_constant(name: str) -> Any:
+    """json's hook for NaN / Infinity / -Infinity, which strict JSON does not have."""
+    raise ValueError(f"not valid JSON ({name} is not a JSON number)")
+
+
+def _finite_float(text: str) -> float:
+    """json's hook for floats: the value, unless it overflows to infinity."""
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"number out of range ({text[:40]})")
+    return value
+
+
+def _read_parquet(path: Path) -> list[Record]:
+    """All rows of a parquet file as dicts; a corrupt or non-parquet file is a UserError."""
+    import pyarrow
+    import pyarrow.parquet as pq
+
+    try:
+        return pq.read_table(path).to_pylist()
+    except (OSError, ValueError, pyarrow.ArrowException) as e:
+        reason = " ".join(str(e).split())[:200] or type(e).__name__
+        raise UserError(f"{path}: not a readable parquet file ({reason})") from None
+
+
+def _open_bytes(path: Path) -> BinaryIO:
+    """`path` opened for reading bytes, decompressed on the fly when it ends in .gz."""
     if path.suffix == ".gz":
-        return gzip.open(path, "rt", encoding="utf-8")
-    return path.open(encoding="utf-8")
+        return gzip.open(path, "rb")  # type: ignore[return-value]
+    return path.open("rb")
 
 
 def split_files(directory: Path, split: str) -> list[Path]:

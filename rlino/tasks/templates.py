@@ -10,6 +10,7 @@ Add a template with `register_template(Template(...))`.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -73,14 +74,49 @@ def template_names() -> list[str]:
     return sorted(_TEMPLATES)
 
 
+def check_chat_template(name: str, tokenizer: Any) -> None:
+    """UserError naming the model when template `name` needs a chat template `tokenizer` lacks.
+
+    Commands call it right after loading the tokenizer, so the mistake stops them before they
+    write anything (a run directory, a progress bar); `render` checks again for other callers.
+    """
+    if not get_template(name).chat or getattr(tokenizer, "chat_template", None):
+        return
+    source = getattr(tokenizer, "name_or_path", "") or "the model"
+    plain = ", ".join(n for n in template_names() if not _TEMPLATES[n].chat)
+    raise UserError(
+        f"template {name!r} uses the tokenizer's chat template, and {source} has no chat "
+        f"template (a base model?); use --template with one of: {plain}"
+    )
+
+
 def render(name: str, task: Task, example: Example, tokenizer: Any = None) -> str:
     """The prompt text for `example` of `task` under template `name`."""
     template = get_template(name)
     body = template.text.format(question=task.question(example))
     if not template.chat:
         return body
-    if tokenizer is None or not getattr(tokenizer, "chat_template", None):
-        raise UserError(f"template {name!r} needs a tokenizer with a chat template")
+    check_chat_template(name, tokenizer)
     messages = [{"role": "user", "content": body}]
     text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     return text + template.assistant_prefix
+
+
+def encode_prompts(
+    tokenizer: Any, task: Task, examples: Sequence[Example], template: str | None = None
+) -> list[list[int]]:
+    """Prompt token ids of `examples`: the one encoding training and evaluation both use.
+
+    A chat template's text already holds its special tokens (e.g. BOS), so none are added then;
+    any other template gets the tokenizer's own special tokens (e.g. BOS), as the model saw in
+    pretraining. `template` None means the task's default.
+    """
+    name = template or task.default_template
+    texts = [task.prompt(ex, name, tokenizer) for ex in examples]
+    return encode_texts(tokenizer, texts, name)
+
+
+def encode_texts(tokenizer: Any, texts: Sequence[str], template: str) -> list[list[int]]:
+    """Token ids of already rendered prompt `texts` of `template` (see `encode_prompts`)."""
+    add_special = not get_template(template).chat
+    return [list(tokenizer(t, add_special_tokens=add_special)["input_ids"]) for t in texts]

@@ -7,8 +7,12 @@ Extraction, first rule that applies wins (`find_answer`):
 3. the first `####` that is followed by a number (markdown headings like `#### Step 1` are skipped);
 4. the last "the answer is ..." (also "the final answer is") followed by a number on the same line;
 5. otherwise the last number in the text.
-Rules 1-4 set `format_ok`. Inside a marker's span the answer is the first number after the span's
-last `=` (so `#### 9 * 2 = 18` reads 18, `The answer is 42 apples` reads 42).
+Rules 1-4 set `format_ok`. Strict extraction (`find_answer(text, "strict")`, the gsm8k task's
+`extraction=strict`) keeps only rules 1-3, the explicit answer markers the prompt templates ask
+for, as the paper's verifier does: a ramble (or a loop cut at max_new_tokens) whose last number
+happens to equal the answer is not read as an answer. Inside a marker's span the answer is the
+first number after the span's last `=` (so `#### 9 * 2 = 18` reads 18, `The answer is 42 apples`
+reads 42).
 
 Numbers: `$` and `\\$`, thousands commas (`1,234`), trailing `.` and units, decimals (`18.00` = 18),
 simple fractions (`5/2` = 2.5), LaTeX `\\frac{5}{2}` / `\\dfrac` / `\\tfrac` with integer parts (so
@@ -36,6 +40,8 @@ MAX_SPAN_CHARS = 200
 """How far after a marker (`####`, "the answer is", `\\boxed{`) the answer is looked for."""
 MAX_TRIES = 16
 """How many occurrences of one marker are tried before giving up on that marker."""
+EXTRACTIONS = ("flexible", "strict")
+"""Extraction modes: flexible (rules 1-5, the default) or strict (rules 1-3 only)."""
 
 _NUMBER = re.compile(
     r"(?<![\w.])"  # not inside a word or another number
@@ -96,8 +102,13 @@ def format_number(value: Fraction) -> str:
     return f"{sign}{digits[:-places]}.{digits[-places:]}"
 
 
-def find_answer(text: str) -> Extraction:
-    """Apply the extraction rules (module docstring) to a completion. Never raises."""
+def find_answer(text: str, extraction: str = "flexible") -> Extraction:
+    """Apply the extraction rules (module docstring) to a completion. Never raises.
+
+    `extraction` "strict" reads only an `<answer>` block, `\\boxed{}` or `####`; any other value
+    is flexible (callers validate it, see `EXTRACTIONS`).
+    """
+    strict = extraction == "strict"
     if not isinstance(text, str):
         return Extraction(None, None, False, "none")
     text = text[-MAX_TEXT_CHARS:]
@@ -106,15 +117,14 @@ def find_answer(text: str) -> Extraction:
         found = _span_number(block)
         value = found[1] if found else None
         return Extraction(block[:MAX_SPAN_CHARS], value, True, "answer_block")
-    for rule, finder in (
-        ("boxed", _from_boxed),
-        ("hashes", _from_hashes),
-        ("answer_is", _from_answer_is),
-    ):
+    finders = [("boxed", _from_boxed), ("hashes", _from_hashes)]
+    if not strict:
+        finders.append(("answer_is", _from_answer_is))
+    for rule, finder in finders:
         found = finder(text)
         if found is not None:
             return Extraction(found[0], found[1], True, rule)
-    found = _last_number(text)
+    found = None if strict else _last_number(text)
     if found is not None:
         return Extraction(found[0], found[1], False, "last_number")
     return Extraction(None, None, False, "none")
