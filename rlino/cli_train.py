@@ -67,7 +67,7 @@ def resolve_train_config(
     preset's method settings that apply to it), then the shortcuts and `--set`s, which win.
     """
     from rlino.config import deep_merge, load_config, parse_override, preset_path, read_yaml
-    from rlino.methods import carry_params
+    from rlino.method_switch import carry_params
 
     if resume is not None:
         run_dir = Path(resume)

@@ -371,22 +371,30 @@ def update(
                 grad_norms.append(norm)
             steps += 1
     out: dict[str, Any] = {
-        key: sums[key] / steps for key in ("loss/policy", "loss/kl", "loss/total")
+        **{key: sums[key] / steps for key in ("loss/policy", "loss/kl", "loss/total")},
+        "optim/kl": sums["kl"] / steps,
+        "optim/grad_norm": sum(grad_norms) / len(grad_norms) if grad_norms else None,
+        "optim/steps": steps,
+        "optim/nonfinite_steps": nonfinite,
+        **{f"optim/{key}": value for key, value in token_means(sums).items()},
     }
-    out["optim/kl"] = sums["kl"] / steps
-    out["optim/grad_norm"] = sum(grad_norms) / len(grad_norms) if grad_norms else None
-    out["optim/steps"] = steps
-    out["optim/nonfinite_steps"] = nonfinite
-    out.update({f"optim/{key}": value for key, value in token_means(sums).items()})
     if setup.scaler.is_enabled():
         out["optim/skipped_steps"] = skipped  # overflowed fp16 gradients
         out["optim/loss_scale"] = setup.scaler.get_scale()
     if track_equivalence:
+        out.update(equivalence_metrics(cosines, offpolicy_clip))
+    return out
+
+
+def equivalence_metrics(
+    cosines: list[float | None], offpolicy_clip: list[float]
+) -> dict[str, float | None]:
+    """`equiv/...` of one update from its per-step cosines (None: a step with no weighted row)
+    and the clipped / total tokens of the steps after the first."""
+    out: dict[str, float | None] = {"equiv/cosine_onpolicy": cosines[0]}  # None: first filtered
+    if len(cosines) > 1:
         later = [c for c in cosines[1:] if c is not None]
-        out["equiv/cosine_onpolicy"] = cosines[0]  # None: the first minibatch was all filtered
-        if steps > 1:
-            out["equiv/cosine_offpolicy"] = sum(later) / len(later) if later else None
-            out["equiv/clip_frac"] = (
-                offpolicy_clip[0] / offpolicy_clip[1] if offpolicy_clip[1] else None
-            )
+        out["equiv/cosine_offpolicy"] = sum(later) / len(later) if later else None
+        clipped, tokens = offpolicy_clip
+        out["equiv/clip_frac"] = clipped / tokens if tokens else None
     return out

@@ -206,7 +206,7 @@ def spec_from_flags(
 def method_block(spec: CompareSpec, entry: MethodEntry) -> tuple[dict[str, Any], list[str]]:
     """The entry's `method:` settings over the preset's that apply to its method (as
     `rlino train -c PRESET --method NAME` does), and a note per preset setting dropped."""
-    from rlino.methods import carry_params
+    from rlino.method_switch import carry_params
 
     data = deep_merge(read_yaml(preset_path(spec.preset)) if spec.preset else {}, spec.train)
     block = data.get("method")
