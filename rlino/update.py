@@ -215,6 +215,8 @@ def optimizer_step(
     anything poisoned reaches a checkpoint.
     """
     scaler = setup.scaler
+    if scaler.is_enabled() and all(p.grad is None for p in setup.policy.model.parameters()):
+        return 0.0  # fp16, and no row has run yet (all filtered): nothing the scaler can step
     scaler.unscale_(optimizer)
     clip = setup.config.optim.grad_clip if setup.config.optim.grad_clip > 0 else math.inf
     norm = float(torch.nn.utils.clip_grad_norm_(setup.policy.model.parameters(), clip))
@@ -322,6 +324,8 @@ def update(
     old_logp = frozen_logprobs(model, batch, cut) if needs_old else None
     ref_logp = frozen_logprobs(setup.reference.model, batch, cut) if needs_kl else None
     model.train()
+    if setup.scaler.is_enabled():  # the fp16 scale starts lazily: set it even if no row runs
+        setup.scaler.scale(torch.zeros((), device=device))
 
     def backward(loss: torch.Tensor) -> None:
         setup.scaler.scale(loss).backward()

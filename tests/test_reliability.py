@@ -74,3 +74,20 @@ def test_nonfinite_steps_are_skipped_then_the_run_stops(
         assert torch.equal(state["exp_avg"], opt2["state"][key]["exp_avg"])
         assert torch.equal(state["step"], opt2["state"][key]["step"])
     assert not (run / "final").exists()
+
+
+def test_fp16_update_with_every_group_filtered(tiny_random_model_dir: Path) -> None:
+    """fp16 loss scaling, first update, every weight 0 (all groups filtered): no row runs, so the
+    scaler has nothing to unscale; the step is a no-op instead of an AssertionError."""
+    from rlino.setup import build, make_optimizer
+    from rlino.step import rollout
+    from rlino.update import TokenBatch, update
+
+    setup = build(tiny_config(tiny_random_model_dir, "grpo", model={"dtype": "fp16"}))
+    scored = rollout(setup, 0)
+    batch = TokenBatch.from_rollouts(scored.rollouts, setup.policy.device)
+    before = [p.detach().clone() for p in setup.policy.model.parameters()]
+    stats = update(setup, batch, torch.zeros_like(scored.rewards), make_optimizer(setup))
+    assert stats["optim/steps"] >= 1 and stats["optim/nonfinite_steps"] == 0
+    after = list(setup.policy.model.parameters())
+    assert all(torch.equal(a, b) for a, b in zip(before, after, strict=True))
