@@ -324,8 +324,6 @@ def update(
     old_logp = frozen_logprobs(model, batch, cut) if needs_old else None
     ref_logp = frozen_logprobs(setup.reference.model, batch, cut) if needs_kl else None
     model.train()
-    if setup.scaler.is_enabled():  # the fp16 scale starts lazily: set it even if no row runs
-        setup.scaler.scale(torch.zeros((), device=device))
 
     def backward(loss: torch.Tensor) -> None:
         setup.scaler.scale(loss).backward()
