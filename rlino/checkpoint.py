@@ -50,7 +50,7 @@ def save(
     run_dir: Path,
     iteration: int,
     save_model: Callable[[Path], None],
-    optimizer: torch.optim.Optimizer,
+    optimizer: torch.optim.Optimizer | dict[str, Any],
     scheduler: Any,
     *,
     scaler: torch.amp.GradScaler | None = None,
@@ -58,7 +58,8 @@ def save(
 ) -> Path:
     """Write a checkpoint for `iteration` atomically; keep the newest `keep` checkpoints.
 
-    `save_model(path)` writes the model and tokenizer in HF format into `path`. A write error
+    `save_model(path)` writes the model and tokenizer in HF format into `path`. `optimizer` is
+    the optimiser, or its state dict already gathered whole (a sharded run's, rlino.fsdp). A write error
     (disk full, I/O error) raises UserError after removing the partial temporary directory; the
     existing checkpoints are untouched. Checkpoints newer than `iteration` are left over from
     before a resume that fell back past them (damaged, or of a replaced future) and are removed.
@@ -76,7 +77,8 @@ def save(
             shutil.rmtree(leftover, ignore_errors=True)
         tmp.mkdir()
         save_model(tmp / "model")
-        _torch_save(optimizer.state_dict(), tmp / "optimizer.pt")
+        state = optimizer if isinstance(optimizer, dict) else optimizer.state_dict()
+        _torch_save(state, tmp / "optimizer.pt")
         _torch_save(scheduler.state_dict(), tmp / "scheduler.pt")
         if scaler is not None and scaler.is_enabled():
             _torch_save(scaler.state_dict(), tmp / "scaler.pt")
@@ -196,12 +198,16 @@ def load_state(
     optimizer: torch.optim.Optimizer,
     scheduler: Any,
     scaler: torch.amp.GradScaler | None = None,
+    *,
+    shard: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
 ) -> int:
     """Restore optimiser, scheduler, loss scaler and RNG from checkpoint `path`; return its iteration.
 
-    `weights_only=True`: a checkpoint from elsewhere cannot run code when loaded.
+    `weights_only=True`: a checkpoint from elsewhere cannot run code when loaded. `shard` maps the
+    whole-tensor optimiser state to a sharded optimiser's (rlino.fsdp).
     """
-    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
+    state = torch.load(path / "optimizer.pt", weights_only=True)
+    optimizer.load_state_dict(state if shard is None else shard(state))
     scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
     if scaler is not None and (path / "scaler.pt").exists():
         scaler.load_state_dict(torch.load(path / "scaler.pt", weights_only=True))

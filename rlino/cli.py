@@ -90,32 +90,34 @@ def grade_command(
 @app.command("pretrain")
 @user_errors
 def pretrain_command(
-    out: str = typer.Option(..., "--out", help="Directory to write the HF model into."),
+    out: str = typer.Option(
+        None, "--out", help="Directory to write the HF model into (with --recipe: the cache)."
+    ),
+    recipe: str = typer.Option(
+        None,
+        "--recipe",
+        help="Built-in base: countdown, countdown-weak, countdown-medium, countdown-strong.",
+    ),
     task: str = task_option("countdown"),
     seed: int = seed_option(0),
     steps: int = typer.Option(None, "--steps", help="Optimizer steps (default 1000)."),
     batch_size: int = typer.Option(None, "--batch-size", help="Sequences per step (default 32)."),
     lr: float = typer.Option(None, "--lr", help="Peak learning rate (default 5e-3)."),
     threads: int = typer.Option(None, "--threads", help="torch CPU threads (default 2)."),
+    style: list[str] = typer.Option(
+        [], "--style", help="Trace sloppiness KEY=VALUE, e.g. hit=0.5 (see rlino.tiny_corpus)."
+    ),
     task_opt: list[str] = task_opt_option(),
+    eval_examples: int = typer.Option(
+        200, "--eval-examples", help="Test examples for base_eval.json (0 = no evaluation)."
+    ),
     quiet: bool = quiet_option(),
 ) -> None:
     """Pretrain the built-in tiny base model from scratch on synthetic task traces (CPU, minutes)."""
-    from rlino.config import parse_override
-    from rlino.tiny import PretrainConfig, pretrain
+    args = dict(locals())
+    from rlino.tiny_bases import run_pretrain_command
 
-    config = PretrainConfig(task=task, seed=seed)
-    for item in task_opt:
-        config.task_options.update(parse_override(item))
-    given = {"steps": steps, "batch_size": batch_size, "lr": lr, "threads": threads}
-    for name, value in given.items():
-        if value is not None:
-            setattr(config, name, value)
-    result = pretrain(config, out, progress=not quiet)
-    print(
-        f"saved {result.out} ({result.parameters:,} parameters, {result.seconds:.0f} s, "
-        f"final loss {result.final_loss:.3f})"
-    )
+    run_pretrain_command(**args)
 
 
 # @@ eval @@
@@ -284,7 +286,7 @@ def compare_command(
     ),
     quiet: bool = quiet_option(),
 ) -> None:
-    """Methods x seeds from one base model, same prompts per seed; resumable; report.md + plots."""
+    """(Bases x) methods x seeds, same prompts per seed; resumable; report.md + plots (+ pass@k)."""
     options = dict(locals())
     from rlino.analysis.compare import compare_command as run
 

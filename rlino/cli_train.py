@@ -156,12 +156,14 @@ def run_train_command(
         )
     if resume is None:
         preflight(cfg)
+    from rlino.distributed import env_world
     from rlino.train import train
 
     result = train(
         cfg, run_dir, resume=resume is not None, progress=not quiet, stop_after=stop_after
     )
-    _report(result)
+    if env_world()[0] == 0:  # under torchrun, one report (rank 0's)
+        _report(result)
     if result.interrupted:
         raise SystemExit(130)
 

@@ -34,6 +34,48 @@ MAX_THREADS = 4096
 
 
 @dataclass
+class LoraConfig:
+    """LoRA adapters trained (through peft) instead of every weight; see `rlino.lora`."""
+
+    r: int = 16
+    """Rank of each adapter: the adapted weight is W + (alpha / r) B A with A (r x in), B (out x r)."""
+    alpha: float = 32.0
+    """Scale numerator of the adapters' update (alpha / r)."""
+    dropout: float = 0.0
+    """Dropout on the adapters' input in the update's passes (0: the policy differentiated is
+    exactly the one that sampled, as without LoRA)."""
+    target_modules: str | list[str] = "all-linear"
+    """Modules that get adapters: names such as [q_proj, v_proj] (matched as suffixes), or
+    all-linear (every linear layer except the output head)."""
+
+    def validate(self, backend: str = "builtin") -> None:
+        """Raise UserError for impossible values (names are checked against the model when built)."""
+        names = self.target_modules
+        names_ok = (
+            bool(names.strip())
+            if isinstance(names, str)
+            else bool(names) and all(isinstance(n, str) and n.strip() for n in names)
+        )
+        checks: list[tuple[bool, str]] = [
+            (self.r >= 1, f"model.lora.r must be >= 1 (got {self.r})"),
+            (self.alpha > 0, f"model.lora.alpha must be > 0 (got {self.alpha})"),
+            (0 <= self.dropout < 1, f"model.lora.dropout must be in [0, 1) (got {self.dropout})"),
+            (
+                names_ok,
+                "model.lora.target_modules must be all-linear or a non-empty list of module "
+                f"names, got {_show(names)}",
+            ),
+            (
+                backend != "vllm",
+                "model.lora does not work with rollout.backend vllm (it pushes full weights)",
+            ),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise UserError(message)
+
+
+@dataclass
 class ModelConfig:
     """Which policy to train."""
 
@@ -47,6 +89,8 @@ class ModelConfig:
     """Trained weights and optimizer state: fp32 (mixed precision under a bf16/fp16 dtype) or same."""
     device: str = "auto"
     """auto (cuda when available), cpu or cuda."""
+    lora: LoraConfig | None = None
+    """LoRA adapters to train instead of every weight; None = full fine-tuning."""
 
 
 @dataclass
@@ -135,6 +179,16 @@ class AnalysisConfig:
 
 
 @dataclass
+class DistConfig:
+    """Data-parallel training under torchrun (ignored when one process runs)."""
+
+    strategy: str = "ddp"
+    """ddp: each rank holds the whole model and a share of the prompts; gradients are summed
+    across ranks before every optimiser step (rlino.distributed). fsdp: FSDP2 shards the fp32
+    weights, gradients and optimiser state over the ranks (rlino.fsdp)."""
+
+
+@dataclass
 class TrainConfig:
     """A complete training run."""
 
@@ -145,6 +199,7 @@ class TrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     analysis: AnalysisConfig = field(default_factory=AnalysisConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
     iterations: int = 200
     """Number of sample -> verify -> weigh -> update iterations."""
     seed: int = 0
@@ -180,6 +235,7 @@ class TrainConfig:
                 self.analysis.equivalence_every >= 0,
                 "analysis.equivalence_every must be >= 0 (0 = never)",
             ),
+            (self.dist.strategy in ("ddp", "fsdp"), "dist.strategy must be ddp or fsdp"),
             (o.lr > 0, f"optim.lr must be > 0 (got {o.lr})"),
             (o.weight_decay >= 0, "optim.weight_decay must be >= 0"),
             (
@@ -220,6 +276,8 @@ class TrainConfig:
         for ok, message in checks:
             if not ok:
                 raise UserError(message)
+        if self.model.lora is not None:
+            self.model.lora.validate(backend=r.backend)
         path = self.model.path
         if path is not None and not looks_like_hub_id(path) and not path_exists(path):
             raise UserError(f"model.path {_show(path)} does not exist")

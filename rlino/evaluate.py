@@ -90,13 +90,16 @@ def evaluate(
     seed: int = 0,
     backend: str = "builtin",
     on_batch: Callable[[int], None] | None = None,
+    first_index: int = 0,
 ) -> EvalReport:
     """Sample `samples` completions per example and grade them.
 
     With samples == 1 and temperature 0 this is greedy pass@1. `on_batch(n_prompts_done)` lets a
-    caller drive a progress bar.
+    caller drive a progress bar. Example i samples with seed `prompt_seeds(seed, [first_index +
+    i])`: the same draws whatever `batch_size`, and a data-parallel rank evaluating a shard that
+    starts at `first_index` draws what one process would.
     """
-    from rlino.rollout import SamplingConfig, generate
+    from rlino.rollout import SamplingConfig, generate, prompt_seeds
 
     sampling = SamplingConfig(
         temperature=temperature,
@@ -110,7 +113,8 @@ def evaluate(
     for start in range(0, len(examples), batch_size):
         chunk = prompts[start : start + batch_size]
         ids = encode_texts(policy.tokenizer, chunk, template)
-        rollouts = generate(policy, ids, samples, sampling, seed=seed + start, backend=backend)
+        seeds = prompt_seeds(seed, range(first_index + start, first_index + start + len(chunk)))
+        rollouts = generate(policy, ids, samples, sampling, seed=seeds, backend=backend)
         texts = rollouts.texts(policy.tokenizer)
         lengths = rollouts.completion_mask.sum(dim=1).tolist()
         finished = rollouts.finished.tolist()

@@ -1,5 +1,8 @@
 """Test hook: `RLINO_FAULT=POINT:ITERATION` makes the process SIGKILL itself at that point.
 
+`POINT:ITERATION@RANK` kills only that rank of a torchrun job (its `RANK`), the others then
+stopped by torchrun.
+
 Only tests/test_resume_faults.py sets it, to land kills exactly where they hurt most; unset, it
 does nothing. The points:
 
@@ -17,7 +20,11 @@ from typing import NoReturn
 
 def armed(point: str, iteration: int) -> bool:
     """Whether `RLINO_FAULT` asks for a kill at `point` of `iteration` (the one place it is read)."""
-    return os.environ.get("RLINO_FAULT") == f"{point}:{iteration}"
+    wanted = os.environ.get("RLINO_FAULT")
+    if wanted is None:
+        return False
+    spot, _, rank = wanted.partition("@")
+    return spot == f"{point}:{iteration}" and (not rank or rank == os.environ.get("RANK", "0"))
 
 
 def kill() -> NoReturn:

@@ -49,17 +49,25 @@ def aggregate(
     raise ValueError(f"unknown aggregation {mode!r}")
 
 
-def micro_batch_share(micro_mask: Tensor, minibatch_mask: Tensor, mode: str) -> float:
+def normaliser_count(minibatch_mask: Tensor, mode: str) -> float:
+    """What a minibatch's loss is divided by: its token count for token-mean, else its samples."""
+    if mode == "token-mean":
+        return max(float(minibatch_mask.sum()), 1.0)
+    return float(minibatch_mask.shape[0])
+
+
+def micro_batch_share(micro_mask: Tensor, minibatch_count: float, mode: str) -> float:
     """The factor that makes a micro-batch's aggregated loss its exact share of the minibatch's.
 
     `aggregate` normalises by the micro-batch's own count (samples, or tokens for token-mean);
-    scaling by micro count / minibatch count makes gradient accumulation over micro-batches equal
-    to one pass over the whole minibatch. The minibatch count includes samples that were skipped
-    because their weight is 0, which keeps the normaliser of the naive computation.
+    scaling by micro count / minibatch count (`normaliser_count`) makes gradient accumulation over
+    micro-batches equal to one pass over the whole minibatch. The minibatch count includes samples
+    that were skipped because their weight is 0, which keeps the normaliser of the naive
+    computation, and under data parallelism it is the count over every rank's share.
     """
     if mode == "token-mean":
-        return float(micro_mask.sum()) / max(float(minibatch_mask.sum()), 1.0)
-    return micro_mask.shape[0] / minibatch_mask.shape[0]
+        return float(micro_mask.sum()) / max(minibatch_count, 1.0)
+    return micro_mask.shape[0] / minibatch_count
 
 
 def masked_mean(values: Tensor, mask: Tensor) -> Tensor:

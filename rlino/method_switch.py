@@ -78,5 +78,6 @@ def _drop_reason(key: str, method: str) -> tuple[str, Any]:
         "std": f"{method} does not divide by the group std",
         "std_eps": f"{method} does not divide by the group std",
         "dedup": f"{method} does not deduplicate (raft only)",
+        "mc_samples": f"{method} samples no Monte-Carlo values (vine only)",
     }
     return reasons.get(key, f"{method} does not use it"), used

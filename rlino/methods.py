@@ -89,6 +89,10 @@ class MethodParams:
     A+ = sqrt((1-p)/p)) or sample (Bessel's n - 1, as TRL and verl)"""
     std_eps: float = 0.0
     """grpo / fisft-grpo: added to the group std before dividing (verl 1e-6, TRL 1e-4)"""
+    mc_samples: int = 4
+    """vine: continuations sampled from each step boundary; their mean reward is its value (K)"""
+    positive_weight: float = 0.1
+    """w-reinforce: weight on correct samples (wrong ones get -1); Zhu et al. 2025 used 0.1"""
 
     def validate(self, group_size: int) -> None:
         """Raise UserError (one line) if these params can't work with `group_size` samples."""
@@ -134,6 +138,10 @@ class MethodParams:
             raise UserError(f"method.std must be population or sample (got {p.std!r})")
         if p.std_eps < 0:
             raise UserError(f"method.std_eps must be >= 0 (got {p.std_eps})")
+        if p.mc_samples < 1:
+            raise UserError(f"method.mc_samples must be >= 1 (got {p.mc_samples})")
+        if p.positive_weight < 0:
+            raise UserError(f"method.positive_weight must be >= 0 (got {p.positive_weight})")
 
 
 @dataclass
@@ -421,3 +429,6 @@ register_preset(
     scale_std=False,
     aggregation="constant",
 )
+
+import rlino.reinforce_methods  # noqa: E402, F401  (registers nsr, psr, w-reinforce)
+from rlino import vine  # noqa: E402, F401  (registers vine: Monte-Carlo step credit)

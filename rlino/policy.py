@@ -240,8 +240,13 @@ def set_activation_checkpointing(model: torch.nn.Module, enabled: bool) -> None:
         (disable or model.gradient_checkpointing_disable)()
 
 
-def save_policy(policy: Policy, out_dir: Path) -> None:
+def save_policy(
+    policy: Policy, out_dir: Path, state_dict: dict[str, torch.Tensor] | None = None
+) -> None:
     """Save model (safetensors) and tokenizer to `out_dir` as a plain HF directory.
+
+    `state_dict`: the weights to write instead of the model's own (a sharded model's, gathered
+    whole by rlino.fsdp).
 
     A GGUF-loaded model refuses `save_pretrained` (its config carries a gguf quantization_config
     although the weights are already de-quantised), so such a model is rebuilt from its config
@@ -264,7 +269,7 @@ def save_policy(policy: Policy, out_dir: Path) -> None:
         if model.generation_config is not None:
             plain.generation_config = model.generation_config
         model = plain
-    model.save_pretrained(out_dir)
+    model.save_pretrained(out_dir, state_dict=state_dict)
     policy.tokenizer.save_pretrained(out_dir)
 
 
@@ -272,14 +277,29 @@ def _completion_hidden(
     model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor, start: int
 ) -> torch.Tensor:
     """Final hidden states at positions [start - 1, L - 1), the ones that predict the completion."""
+    from rlino.fsdp import is_sharded
+
     positions = (attention_mask.long().cumsum(dim=1) - 1).clamp(min=0)  # (B, L) as in generation
-    out = model.base_model(
-        input_ids=input_ids,
-        attention_mask=attention_mask.long(),
-        position_ids=positions,
-        use_cache=False,
+    inputs = {
+        "input_ids": input_ids,
+        "attention_mask": attention_mask.long(),
+        "position_ids": positions,
+        "use_cache": False,
+    }
+    if not is_sharded(model):
+        return model.base_model(**inputs).last_hidden_state[:, start - 1 : -1]  # (B, Lc, D)
+    # FSDP2 gathers the root's own weights (embeddings, final norm, head) in the root's forward
+    # only: run it (one logit row) and take the decoder's output on the way; the root keeps them
+    # gathered until its backward, so the caller's head sees whole weights.
+    captured: list[torch.Tensor] = []
+    hook = model.base_model.register_forward_hook(
+        lambda _module, _args, out: captured.append(out.last_hidden_state)
     )
-    return out.last_hidden_state[:, start - 1 : -1]  # (B, Lc, D)
+    try:
+        model(**inputs, logits_to_keep=1)
+    finally:
+        hook.remove()
+    return captured[0][:, start - 1 : -1]
 
 
 def _chunk_stats(

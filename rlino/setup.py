@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from rlino import fsdp, lora
 from rlino.config import TrainConfig
+from rlino.distributed import World
 from rlino.errors import UserError
 from rlino.methods import Method, MethodParams, resolve
 from rlino.policy import (
@@ -53,11 +56,18 @@ class Setup:
     """fp16 loss scaling (see rlino.precision); disabled otherwise"""
     nonfinite_streak: int = 0
     """consecutive optimiser steps skipped for a NaN/inf loss or gradient"""
+    world: World = dataclasses.field(default_factory=World)
+    """this process's rank among the data-parallel ranks (one process: rank 0 of 1)"""
 
     @property
     def compute_policy(self) -> Policy:
         """The model that does the arithmetic: sampling, evaluation, the update's passes."""
         return self.policy if self.compute_copy is None else self.compute_copy.policy
+
+    def whole_weights(self) -> AbstractContextManager[None]:
+        """Context in which the compute policy's weights are whole (gathered, under fsdp), for
+        sampling and evaluation; a no-op otherwise."""
+        return fsdp.gathered(self.compute_policy.model)
 
 
 def target_of(config: TrainConfig) -> Target:
@@ -71,12 +81,19 @@ def target_of(config: TrainConfig) -> Target:
     )
 
 
-def build(config: TrainConfig, weights: Path | None = None) -> Setup:
+def build(config: TrainConfig, weights: Path | None = None, world: World | None = None) -> Setup:
     """Load the policy (and the frozen reference when beta > 0), the task and its data.
 
     `weights` (a checkpoint's model dir) replaces the policy's starting weights; the reference
-    always comes from the base model.
+    always comes from the base model. Under several ranks (`world`) every rank loads the same
+    weights and then takes rank 0's, so the replicas start identical.
     """
+    world = world or World()
+    if world.size > config.rollout.prompts_per_iter:
+        raise UserError(
+            f"{world.size} ranks need rollout.prompts_per_iter >= {world.size} "
+            f"(got {config.rollout.prompts_per_iter}): each rank samples whole prompts"
+        )
     target = target_of(config)
     task = get_task(target.task, **target.task_options)
     template = target.template or task.default_template
@@ -90,16 +107,29 @@ def build(config: TrainConfig, weights: Path | None = None) -> Setup:
     )
     master_dtype = str(precision.master).removeprefix("torch.")  # "float32" etc.
     source = (str(weights), None) if weights is not None else (target.model_path, target.gguf_file)
-    policy = load_policy(
-        source[0], gguf_file=source[1], device=config.model.device, dtype=master_dtype
-    )
-    compute_copy = ComputeCopy(policy, precision.compute) if precision.mixed else None
+    if config.model.lora is not None:  # base frozen in the compute dtype, adapters in the master's
+        policy = lora.load_lora_policy(target, config.model, precision, weights)
+    else:
+        policy = load_policy(
+            source[0], gguf_file=source[1], device=config.model.device, dtype=master_dtype
+        )
+    if world.sharded:
+        fsdp.check_supported(
+            lora=config.model.lora is not None,
+            precision=precision,
+            equivalence_every=config.analysis.equivalence_every,
+        )
+    # LoRA needs no copy (see rlino.lora); FSDP2 casts for compute itself (rlino.fsdp)
+    mixed = precision.mixed and config.model.lora is None and not world.sharded
+    compute_copy = ComputeCopy(policy, precision.compute) if mixed else None
     if config.optim.gradient_checkpointing:
         # Only active in train mode (the update); sampling and evaluation run in eval mode.
         compute_model = policy.model if compute_copy is None else compute_copy.policy.model
         set_activation_checkpointing(compute_model, True)
     reference = None
-    if method.uses_kl and params.beta > 0:
+    if method.uses_kl and params.beta > 0 and isinstance(policy, lora.LoraPolicy):
+        reference = lora.reference(policy)  # the policy's own weights, adapters off: no copy
+    elif method.uses_kl and params.beta > 0:
         reference = load_policy(
             target.model_path,
             gguf_file=target.gguf_file,
@@ -111,6 +141,11 @@ def build(config: TrainConfig, weights: Path | None = None) -> Setup:
     eval_examples = task.examples("test")[: config.eval.num_examples]
     if not train_examples:
         raise UserError(f"task {config.task.name!r} has no training examples")
+    world.broadcast_module(policy.model)
+    if compute_copy is not None:
+        compute_copy.refresh()
+    if world.sharded:
+        fsdp.shard(policy.model, world, precision)
     return Setup(
         config,
         policy,
@@ -123,6 +158,7 @@ def build(config: TrainConfig, weights: Path | None = None) -> Setup:
         eval_examples,
         compute_copy,
         precision.grad_scaler(policy.device),
+        world=world,
     )
 
 

@@ -307,6 +307,15 @@ def validate(config: PretrainConfig) -> None:
         raise UserError(
             f"hidden-size {config.hidden_size} is not divisible by num-heads {config.num_heads}"
         )
+    style = config.style
+    for name in ("hit", "stop_on_hit", "give_up", "pick_hit"):
+        if not 0.0 <= getattr(style, name) <= 1.0:
+            raise UserError(f"style {name} must be in [0, 1], got {getattr(style, name)}")
+    if style.closeness <= 0 or style.max_tries < 1:
+        raise UserError(
+            f"style closeness must be > 0 and max_tries >= 1 "
+            f"(got {style.closeness}, {style.max_tries})"
+        )
 
 
 def pretrain(config: PretrainConfig, out: str | Path, progress: bool = True) -> PretrainResult:

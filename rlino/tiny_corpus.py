@@ -15,7 +15,9 @@ pretrained model behaves like a base model that post-training can improve:
 - the answer copies the hitting try only with probability `pick_hit`, else the last try.
 
 The RL signal is then short and learnable ("answer with the try whose value is the target",
-"stop when you hit it", "keep trying until you do"), and every trace is well-formed.
+"stop when you hit it", "keep trying until you do"), and every trace is well-formed. The same
+knobs (with the number of pretraining steps) make bases of other strengths: `rlino.tiny_bases`
+names a few, and `rlino pretrain --style hit=0.5` sets them directly.
 """
 
 from __future__ import annotations

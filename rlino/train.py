@@ -11,9 +11,13 @@ Where the parts live: `rlino.setup` builds the policy, reference, task and optim
 bar and Ctrl-C; `rlino.checkpoint` the resumable state; `rlino.runlog` the logs, repaired on
 resume after a kill; `rlino.runlock` one process per run dir.
 
-Simplifications, stated: one process, one device; the learning-rate schedule advances once per
-iteration; prompt order and sampling seeds are pure functions of (seed, iteration), so a resumed
-run repeats the uninterrupted one exactly (on CPU).
+Under torchrun (`rlino.distributed`) every rank runs this loop in lockstep on its share of the
+prompts; rank 0 alone holds the run dir's lock and writes metrics, samples and checkpoints, and a
+checkpoint written by N ranks resumes on any number.
+
+Simplifications, stated: the learning-rate schedule advances once per iteration; prompt order and
+sampling seeds are pure functions of (seed, iteration), so a resumed run repeats the
+uninterrupted one exactly (on CPU).
 """
 
 from __future__ import annotations
@@ -25,9 +29,11 @@ from typing import Any
 
 import torch
 
-from rlino import checkpoint, faults
+from rlino import checkpoint, faults, fsdp
 from rlino.config import TrainConfig, save_config
+from rlino.distributed import World, init_world
 from rlino.errors import UserError
+from rlino.lora import save_checkpoint_model, save_final_model
 from rlino.policy import save_policy
 from rlino.progress import GracefulStop, train_bar
 from rlino.run_metrics import eval_metrics, sample_rows
@@ -69,10 +75,13 @@ def train(
     second process on the same dir stops at once (rlino.runlock).
     """
     config.validate()
-    with RunLock(run_dir) as lock:  # under torchrun: RunLock(run_dir, held=rank == 0)
+    world = init_world(config.model.device, config.dist.strategy)
+    with RunLock(run_dir, held=world.is_main) as lock:
         # resume: lock before reading checkpoints or logs; fresh: write nothing before the model loads
         _claim(lock, run_dir, resume, take=resume and run_dir.is_dir())
-        return _train(config, run_dir, lock, resume, progress, stop_after, on_iteration)
+        result = _train(config, run_dir, lock, world, resume, progress, stop_after, on_iteration)
+    world.barrier()  # no rank leaves (and tears the job down) before rank 0 has written final/
+    return result
 
 
 def _claim(lock: RunLock, run_dir: Path, resume: bool, *, take: bool = True) -> None:
@@ -90,35 +99,50 @@ def _train(
     config: TrainConfig,
     run_dir: Path,
     lock: RunLock,
+    world: World,
     resume: bool,
     progress: bool,
     stop_after: int | None,
     on_iteration: Callable[[int, dict[str, Any]], None] | None,
 ) -> TrainResult:
     """The run itself, under the lock `train` holds (or takes here, for a fresh run dir)."""
-    ckpt = checkpoint.latest(run_dir) if resume else None
+    # rank 0 picks the checkpoint (verifying it once) and every rank resumes from that one
+    ckpt = world.all_gather(checkpoint.latest(run_dir) if resume and world.is_main else None)[0]
     if config.threads:
         torch.set_num_threads(config.threads)
     torch.manual_seed(config.seed)
 
-    setup = build(config, weights=ckpt / "model" if ckpt is not None else None)
-    run_dir.mkdir(parents=True, exist_ok=True)  # only once the model and task loaded
-    _claim(lock, run_dir, resume)  # a fresh run locks here (a resume already did)
-    save_config(config, run_dir / "config.yaml")
+    setup = build(config, weights=ckpt / "model" if ckpt is not None else None, world=world)
+    if world.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)  # only once the model and task loaded
+        _claim(lock, run_dir, resume)  # a fresh run locks here (a resume already did)
+        save_config(config, run_dir / "config.yaml")
     optimizer = make_optimizer(setup)
     scheduler = make_scheduler(optimizer, config)
-    start = checkpoint.load_state(ckpt, optimizer, scheduler, setup.scaler) if ckpt else 0
+    shard = (
+        (lambda state: fsdp.shard_optimizer_state(state, optimizer))
+        if setup.world.sharded
+        else None
+    )
+    start = (
+        checkpoint.load_state(ckpt, optimizer, scheduler, setup.scaler, shard=shard) if ckpt else 0
+    )
     # rows after the checkpoint (all rows, when there is none) belong to the interrupted run
-    log = MetricsLog(run_dir, tensorboard=config.tensorboard, resume_from=start if ckpt else None)
+    log = (
+        MetricsLog(run_dir, tensorboard=config.tensorboard, resume_from=start if ckpt else None)
+        if world.is_main
+        else None
+    )
 
     start_eval = end_eval = None
     if start == 0:
         start_eval = _evaluate(setup, 0)
-        log.log({"iteration": 0, **start_eval})
+        if log is not None:
+            log.log({"iteration": 0, **start_eval})
     iteration = start
     with (
         GracefulStop().installed() as stopper,
-        train_bar(progress, config.iterations, start) as bar,
+        train_bar(progress and world.is_main, config.iterations, start) as bar,
     ):
         while iteration < config.iterations:
             result = step(setup, iteration, optimizer)
@@ -130,11 +154,14 @@ def _train(
                 evals = _evaluate(setup, iteration)
                 row.update(evals)
                 end_eval = evals if last else None
-            log.log(row)
-            if _due(iteration, config.samples_every):
-                log.log_samples(sample_rows(iteration, result.scored, result.weights, setup.task))
-            stop_now = stopper.requested or (
-                stop_after is not None and iteration - start >= stop_after
+            if log is not None:
+                log.log(row)
+                if _due(iteration, config.samples_every):
+                    rows = sample_rows(iteration, result.scored, result.weights, setup.task)
+                    log.log_samples(rows)
+            # one decision for every rank: a Ctrl-C reaches ranks at different moments
+            stop_now = world.any(
+                stopper.requested or (stop_after is not None and iteration - start >= stop_after)
             )
             if last or stop_now or _due(iteration, config.checkpoint_every):
                 _checkpoint(run_dir, setup, iteration, optimizer, scheduler, log)
@@ -144,9 +171,15 @@ def _train(
             if stop_now:
                 break
     completed = iteration >= config.iterations
-    if completed:
-        checkpoint.save_final(run_dir, lambda path: save_policy(setup.policy, path))
-    log.close()
+    weights = (
+        fsdp.full_model_state(setup.policy.model) if completed and setup.world.sharded else None
+    )
+    if log is not None:
+        if weights is not None:
+            checkpoint.save_final(run_dir, lambda path: save_policy(setup.policy, path, weights))
+        elif completed:
+            checkpoint.save_final(run_dir, lambda path: save_final_model(setup.policy, path))
+        log.close()
     return TrainResult(run_dir, iteration, completed, stopper.requested, start_eval, end_eval)
 
 
@@ -163,21 +196,31 @@ def _checkpoint(
     iteration: int,
     optimizer: torch.optim.Optimizer,
     scheduler: Any,
-    log: MetricsLog,
+    log: MetricsLog | None,
 ) -> None:
     """Checkpoint `iteration`, after the rows it covers are on disk: a kill anywhere in between
-    leaves either the rows and no checkpoint (resume redoes them) or both, never a lost row."""
+    leaves either the rows and no checkpoint (resume redoes them) or both, never a lost row.
+
+    Every rank calls it (a sharded model is gathered whole by all); rank 0 (`log`) writes."""
+    sharded = setup.world.sharded
+    weights = fsdp.full_model_state(setup.policy.model) if sharded else None
+    optimizer_state = fsdp.full_optimizer_state(optimizer) if sharded else optimizer
+    if log is None:
+        return
     log.sync()
 
     def save_model(path: Path) -> None:
-        save_policy(setup.policy, path)
+        if weights is not None:
+            save_policy(setup.policy, path, state_dict=weights)
+        else:
+            save_checkpoint_model(setup.policy, path)  # LoRA: the adapter alone
         faults.point("checkpoint", iteration)  # test hook: killed with the checkpoint half written
 
     checkpoint.save(
         run_dir,
         iteration,
         save_model,
-        optimizer,
+        optimizer_state,
         scheduler,
         scaler=setup.scaler,
         keep=setup.config.checkpoint_keep,

@@ -16,12 +16,14 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from rlino import fsdp
 from rlino.errors import UserError
-from rlino.losses import micro_batch_share, policy_loss
+from rlino.losses import micro_batch_share, normaliser_count, policy_loss
 from rlino.methods import Method, MethodParams
 from rlino.policy import token_logprobs_and_entropy
 
 if TYPE_CHECKING:
+    from rlino.distributed import World
     from rlino.rollout import Rollouts
     from rlino.setup import Setup
 
@@ -134,12 +136,18 @@ def accumulate_gradients(
     old_logp: torch.Tensor | None = None,
     ref_logp: torch.Tensor | None = None,
     backward: Callable[[torch.Tensor], None] = torch.Tensor.backward,
+    normaliser: float | None = None,
+    world: World | None = None,
 ) -> dict[str, float]:
     """Backward of the method's loss over `rows`, as one pass over `normaliser_rows` would give.
 
     weights: (N,) one per sample, or (N, Lc) one per token. `rows` may leave out samples that add
     nothing (weight 0, no KL); they still count in the loss's normaliser through
-    `normaliser_rows`, so the gradient equals the naive computation over every sample. `backward`
+    `normaliser_rows`, so the gradient equals the naive computation over every sample.
+    `normaliser` overrides the count taken from `normaliser_rows` (`losses.normaliser_count`):
+    a data-parallel rank passes the whole minibatch's count over all ranks. Under FSDP (`world`
+    sharded) every rank runs as many passes as the rank with the most micro-batches, and the
+    gradients are reduced over ranks in the last (rlino.fsdp.lockstep_passes). `backward`
     runs on each micro-batch's scaled loss (e.g. through an fp16 loss scaler, then adding the
     compute copy's gradients into the master's).
 
@@ -148,7 +156,22 @@ def accumulate_gradients(
     clipped surrogate `clipped_tokens` and `ratio_sum` sum over them.
     """
     totals = dict.fromkeys(("loss/policy", "loss/kl", "loss/total", "kl", "tokens"), 0.0)
-    for micro in micro_slices(batch, rows, cut):
+    if (params.surrogate or method.surrogate) == "clipped":
+        totals.update(clipped_tokens=0.0, ratio_sum=0.0)
+    if normaliser is None:
+        normaliser = normaliser_count(batch.mask[normaliser_rows], params.aggregation)
+    micros = list(micro_slices(batch, rows, cut))
+    real = iter(micros)
+    passes = (
+        fsdp.lockstep_passes(model, world, len(micros))
+        if world is not None and world.sharded
+        else (True for _ in micros)
+    )
+    for is_real in passes:
+        if not is_real:
+            fsdp.idle_pass(model)
+            continue
+        micro = next(real)
         logp = batch_logprobs(model, batch, micro)
         width = logp.shape[1]
         mask = batch.mask[micro, :width]
@@ -162,19 +185,15 @@ def accumulate_gradients(
             old_logp=None if old_logp is None else old_logp[micro, :width],
             ref_logp=None if ref_logp is None else ref_logp[micro, :width],
         )
-        share = micro_batch_share(
-            batch.mask[micro], batch.mask[normaliser_rows], params.aggregation
-        )
+        share = micro_batch_share(batch.mask[micro], normaliser, params.aggregation)
         backward(loss * share)
         for key in ("loss/policy", "loss/kl", "loss/total", "kl"):
             totals[key] += stats[key] * share
         tokens = float(mask.sum())
         totals["tokens"] += tokens
         if "clip_frac" in stats:  # token means over this micro-batch -> token sums
-            totals["clipped_tokens"] = (
-                totals.get("clipped_tokens", 0.0) + stats["clip_frac"] * tokens
-            )
-            totals["ratio_sum"] = totals.get("ratio_sum", 0.0) + stats["ratio_mean"] * tokens
+            totals["clipped_tokens"] += stats["clip_frac"] * tokens
+            totals["ratio_sum"] += stats["ratio_mean"] * tokens
     return totals
 
 
@@ -192,7 +211,7 @@ def flat_grad(model: torch.nn.Module) -> torch.Tensor:
     """The trainable parameters' gradients as one fp32 vector (zeros where there is none)."""
     return torch.cat(
         [
-            (p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1).float()
+            fsdp.full(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1).float()
             for p in model.parameters()
             if p.requires_grad
         ]
@@ -215,11 +234,9 @@ def optimizer_step(
     anything poisoned reaches a checkpoint.
     """
     scaler = setup.scaler
-    if scaler.is_enabled() and all(p.grad is None for p in setup.policy.model.parameters()):
-        return 0.0  # fp16, and no row has run yet (all filtered): nothing the scaler can step
     scaler.unscale_(optimizer)
     clip = setup.config.optim.grad_clip if setup.config.optim.grad_clip > 0 else math.inf
-    norm = float(torch.nn.utils.clip_grad_norm_(setup.policy.model.parameters(), clip))
+    norm = float(fsdp.full(torch.nn.utils.clip_grad_norm_(setup.policy.model.parameters(), clip)))
     if not scaler.is_enabled() and not (math.isfinite(norm) and math.isfinite(loss)):
         optimizer.zero_grad(set_to_none=False)
         setup.nonfinite_streak += 1
@@ -248,6 +265,7 @@ def _likelihood_cosine(
     normaliser_rows: torch.Tensor,
     cut: MicroBatching,
     backward: Callable[[torch.Tensor], None],
+    normaliser: float | None = None,
 ) -> float:
     """cos(gradient now accumulated, gradient of the plain weighted likelihood, same weights).
 
@@ -273,7 +291,9 @@ def _likelihood_cosine(
         normaliser_rows,
         cut,
         backward=backward,
+        normaliser=normaliser,
     )
+    setup.world.sum_gradients(p for p in master.parameters() if p.requires_grad)
     cosine = compare_gradients(flat_grad(master), actual)["cosine"]
     for p, grad in zip(master.parameters(), taken, strict=True):
         p.grad = grad
@@ -317,11 +337,14 @@ def update(
     )
     needs_kl = setup.reference is not None
     clipped = (params.surrogate or method.surrogate) == "clipped"
-    needs_old = clipped and (params.mu > 1 or cfg.optim.minibatch_size < n)
+    sizes = setup.world.all_gather(n)  # rows per rank; the whole batch is their sum
+    offset, total = sum(sizes[: setup.world.rank]), sum(sizes)
+    needs_old = clipped and (params.mu > 1 or cfg.optim.minibatch_size < total)
     cut = MicroBatching(cfg.optim.micro_batch_size, cfg.optim.micro_batch_tokens)
 
     model.eval()
-    old_logp = frozen_logprobs(model, batch, cut) if needs_old else None
+    with fsdp.gathered(model):
+        old_logp = frozen_logprobs(model, batch, cut) if needs_old else None
     ref_logp = frozen_logprobs(setup.reference.model, batch, cut) if needs_kl else None
     model.train()
 
@@ -330,16 +353,23 @@ def update(
         if setup.compute_copy is not None:
             setup.compute_copy.accumulate_grads()
 
+    world = setup.world
+    master_params = [p for p in setup.policy.model.parameters() if p.requires_grad]
+    for p in master_params:  # every step steps every parameter, a zero gradient where no row ran:
+        if p.grad is None:  # the same in a fresh process (e.g. just resumed) as mid-run
+            p.grad = torch.zeros_like(p)
+    if setup.scaler.is_enabled():  # sets the loss scale up, for a step before any row has run
+        setup.scaler.scale(torch.zeros((), device=device))
     sums: dict[str, float] = {}
     steps = skipped = nonfinite = 0
     grad_norms, offpolicy_clip = [], [0.0, 0.0]
     cosines: list[float | None] = []
-    all_rows = torch.arange(n, device=device)
     for _ in range(params.mu):
-        for mb in all_rows.split(cfg.optim.minibatch_size):
+        for mb in _local_minibatches(offset, n, total, cfg.optim.minibatch_size, device):
             optimizer.zero_grad(set_to_none=False)
             kept = mb[keep[mb]]
             active = kept if needs_kl else kept[has_weight[kept]]
+            count = world.sum_floats({"n": _raw_count(batch.mask[kept], params.aggregation)})["n"]
             totals = accumulate_gradients(
                 model,
                 batch,
@@ -352,7 +382,12 @@ def update(
                 old_logp=old_logp,
                 ref_logp=ref_logp,
                 backward=backward,
+                normaliser=_normaliser(count, params.aggregation),
+                world=world,
             )
+            if not world.sharded:  # FSDP2 reduced them in accumulate_gradients' last pass
+                world.sum_gradients(master_params)
+            totals = world.sum_floats(totals)
             for key, value in totals.items():
                 sums[key] = sums.get(key, 0.0) + value
             if steps and "clipped_tokens" in totals:
@@ -360,8 +395,8 @@ def update(
                 offpolicy_clip[1] += totals["tokens"]
             if track_equivalence:  # one entry per step; None where no row carried weight
                 cosines.append(
-                    _likelihood_cosine(setup, batch, weights, active, kept, cut, backward)
-                    if len(active)
+                    _likelihood_cosine(setup, batch, weights, active, kept, cut, backward, count)
+                    if world.any(len(active) > 0)
                     else None
                 )
             norm = optimizer_step(setup, optimizer, totals["loss/total"])
@@ -386,6 +421,30 @@ def update(
     if track_equivalence:
         out.update(equivalence_metrics(cosines, offpolicy_clip))
     return out
+
+
+def _local_minibatches(
+    offset: int, n: int, total: int, size: int, device: torch.device
+) -> Iterator[torch.Tensor]:
+    """This rank's rows of each minibatch of the whole batch, in order (possibly none).
+
+    Minibatches of `size` are cut from the `total` rows in one-process order; this rank holds the
+    `n` contiguous rows from `offset` on, so every rank takes the same optimiser steps on the
+    same samples as one process would.
+    """
+    for start in range(0, total, size):
+        lo, hi = max(start - offset, 0), min(start + size - offset, n)
+        yield torch.arange(lo, max(lo, hi), device=device)
+
+
+def _raw_count(mask: torch.Tensor, aggregation: str) -> float:
+    """This rank's part of a minibatch's normaliser: its tokens (token-mean) or samples."""
+    return float(mask.sum()) if aggregation == "token-mean" else float(mask.shape[0])
+
+
+def _normaliser(count: float, aggregation: str) -> float:
+    """The minibatch normaliser from its summed count (at least 1 token for token-mean)."""
+    return max(count, 1.0) if aggregation == "token-mean" else count
 
 
 def equivalence_metrics(

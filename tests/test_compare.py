@@ -194,10 +194,29 @@ def test_spec_parsing_and_errors() -> None:
     assert run_config(flags, flags.methods[1], 3).optim.lr == pytest.approx(1e-3)
 
 
-@pytest.mark.parametrize("name", ["compare-paper", "compare-length-ablation"])
+@pytest.mark.parametrize(
+    "name",
+    ["compare-paper", "compare-length-ablation", "compare-strength", "compare-strength-small"],
+)
 def test_shipped_compare_presets_load(name: str) -> None:
     spec = load_spec(name)
     assert len(spec.seeds) >= 1 and len(spec.methods) >= 2
+
+
+def test_strength_grid_is_bases_x_methods_x_seeds_on_equal_budgets() -> None:
+    """Every run of the strength grid samples the same prompts x samples for the same number of
+    iterations and takes the same (clipped) loss: only base and weights differ."""
+    spec = load_spec("compare-strength")
+    assert [b.label for b in spec.bases] == ["weak", "medium", "strong"]
+    assert len(spec.run_names()) == 3 * 8 * 3 and spec.run_names()[0] == "grpo@weak/seed0"
+    assert spec.passk is not None and (spec.passk.n, spec.passk.prompts) == (64, 100)
+    configs = [run_config(spec, e, s, b, built=False) for e, b, s in spec.grid()]
+    assert {(c.rollout.prompts_per_iter, c.rollout.samples_per_prompt) for c in configs} == {
+        (16, 8)
+    }
+    assert {(c.iterations, c.eval.every) for c in configs} == {(100, 10)}
+    assert {c.method.surrogate for c in configs} == {"clipped"}
+    assert {c.method.beta for c in configs} == {0.0}
 
 
 # ---------------------------------------------------------------- end to end

@@ -118,6 +118,27 @@ def test_shapes_prompt_index_and_shared_prompts(tiny: Policy) -> None:
     assert len(r.texts(tiny.tokenizer)) == n
 
 
+def test_a_prompts_samples_do_not_depend_on_its_batch(tiny: Policy) -> None:
+    """One stream per prompt: alone, in a batch, or in chunks, a prompt draws the same samples.
+
+    What makes N data-parallel ranks sample like one process (each holds a shard of the prompts).
+    """
+    from rlino.rollout import prompt_seeds
+
+    prompts = encode(tiny, PROMPTS)
+    config = SamplingConfig(max_new_tokens=20)
+    seeds = prompt_seeds(11, range(2, 2 + len(prompts)))  # e.g. the shard starting at prompt 2
+    whole = completions(generate(tiny, prompts, 3, config, seed=seeds))
+    chunked = completions(generate(tiny, prompts, 3, config, seed=seeds, batch_size=3))
+    alone = [
+        row
+        for prompt, seed in zip(prompts, seeds, strict=True)
+        for row in completions(generate(tiny, [prompt], 3, config, seed=[seed]))
+    ]
+    assert whole == chunked == alone
+    assert len({tuple(row) for row in whole}) > len(prompts)  # real sampling, not one path
+
+
 def test_seed_determinism(tiny: Policy) -> None:
     prompts = encode(tiny, PROMPTS)
     config = SamplingConfig(max_new_tokens=20, top_k=20, top_p=0.9)
@@ -275,13 +296,14 @@ def test_lean_step_is_bitwise_the_model_forward(tiny: Policy) -> None:
 
     assert lean_decoder(tiny.model, 64) is not None  # the tiny Llama really takes the lean path
     prompts = encode(tiny, PROMPTS)
+    seeds = list(range(7, 7 + len(prompts)))
     configs = [
         SamplingConfig(temperature=0, max_new_tokens=24, stop_token_ids=(5, 9)),
         SamplingConfig(temperature=0.8, top_k=20, top_p=0.9, max_new_tokens=24),
     ]
     for config in configs:
-        lean = generate_builtin(tiny, prompts, 3, config, seed=7, batch_size=6)
-        slow = generate_builtin(tiny, prompts, 3, config, seed=7, batch_size=6, lean=False)
+        lean = generate_builtin(tiny, prompts, 3, config, seeds=seeds, batch_size=6)
+        slow = generate_builtin(tiny, prompts, 3, config, seeds=seeds, batch_size=6, lean=False)
         assert torch.equal(lean.completion_ids, slow.completion_ids)
         assert torch.equal(lean.completion_mask, slow.completion_mask)
         assert torch.equal(lean.logprobs, slow.logprobs)
@@ -306,9 +328,9 @@ def test_bf16_prepacked_weights_change_nothing(
     assert decoder is not None and decoder.layers[0].qkv.packed is not None
     prompts = encode(policy, PROMPTS)
     config = SamplingConfig(temperature=1.0, max_new_tokens=24)
-    packed = generate_builtin(policy, prompts, 3, config, seed=3)
+    packed = generate_builtin(policy, prompts, 3, config, seeds=[3] * len(prompts))
     monkeypatch.setattr(fast_decode, "onednn_bf16", lambda weight: False)
-    plain = generate_builtin(policy, prompts, 3, config, seed=3)
+    plain = generate_builtin(policy, prompts, 3, config, seeds=[3] * len(prompts))
     assert torch.equal(packed.completion_ids, plain.completion_ids)
     assert torch.equal(packed.logprobs, plain.logprobs)
 
@@ -349,8 +371,9 @@ def test_draw_follows_weights_and_never_picks_zeros() -> None:
     weights = torch.rand(vocab, generator=torch.Generator().manual_seed(0)) ** 4
     weights[::3] = 0.0  # e.g. masked by top-k / top-p
     weights[-1] = 0.5  # a heavy token in the padded block
-    tokens = draw(weights.expand(rows, -1), torch.Generator().manual_seed(1))
-    again = draw(weights.expand(rows, -1), torch.Generator().manual_seed(1))
+    uniform = torch.rand((rows, 2), generator=torch.Generator().manual_seed(1))
+    tokens = draw(weights.expand(rows, -1), uniform)
+    again = draw(weights.expand(rows, -1), uniform.clone())
     assert torch.equal(tokens, again)
     assert (weights[tokens] > 0).all()
     freq = torch.bincount(tokens, minlength=vocab).double() / rows
@@ -371,8 +394,9 @@ def test_streaming_softmax_draw_matches_the_softmax(
     logits[-1] = logits.max() + 1.0  # the likeliest token sits in the ragged last block
     logits[7] = float("-inf")  # a banned token is never drawn
     batch = logits.expand(rows, -1)
-    tokens, logprobs = sampler.sample_softmax(batch, temperature, torch.Generator().manual_seed(1))
-    again, _ = sampler.sample_softmax(batch, temperature, torch.Generator().manual_seed(1))
+    uniform = torch.rand((rows, 2), generator=torch.Generator().manual_seed(1))
+    tokens, logprobs = sampler.sample_softmax(batch, temperature, uniform)
+    again, _ = sampler.sample_softmax(batch, temperature, uniform.clone())
     assert torch.equal(tokens, again)
     expected = torch.softmax(logits.double() / temperature, dim=0)
     assert not (tokens == 7).any()
@@ -380,9 +404,7 @@ def test_streaming_softmax_draw_matches_the_softmax(
     assert (freq - expected).abs().max() < 0.01
     assert torch.allclose(logprobs.double(), expected.log()[tokens], atol=1e-5, rtol=0)
     # Same uniforms, same blocks: the tokens of the plain softmax-then-draw path.
-    plain = sampler.draw(
-        torch.softmax(batch / temperature, dim=1), torch.Generator().manual_seed(1)
-    )
+    plain = sampler.draw(torch.softmax(batch / temperature, dim=1), uniform)
     assert (plain == tokens).double().mean() > 0.999
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from rlino import resolve, tiny
+from rlino import resolve, tiny, tiny_bases
 from rlino.tasks import get_task
 from rlino.tiny_corpus import TraceStyle, all_tries, trace
 from rlino.verify.countdown import check_equation, evaluate_expression
@@ -101,6 +101,10 @@ def test_task_settings(tmp_path: Path) -> None:
         (["--task", "nosuch"], "no tiny-model corpus for task 'nosuch'"),
         (["--steps", "0"], "steps must be at least 1"),
         (["--task-opt", "max_number=0"], "min_number <= max_number"),
+        (["--recipe", "countdown-huge"], "unknown tiny base 'countdown-huge'; known: countdown,"),
+        (["--style", "hat=0.5"], "unknown --style key(s) hat"),
+        (["--style", "hit=1.5"], "style hit must be in [0, 1], got 1.5"),
+        (["--eval-examples", "-1"], "--eval-examples must be >= 0"),
     ],
 )
 def test_bad_pretrain_args_exit_2_with_one_line(tmp_path: Path, args, message) -> None:
@@ -144,21 +148,26 @@ def _load_and_sample(model_dir: Path, prompts: list[str]) -> list[str]:
 @pytest.mark.slow
 def test_cli_pretrain_writes_a_plain_hf_model_dir(tmp_path: Path, task) -> None:
     out = tmp_path / "tiny"
-    result = _run("pretrain", "--out", str(out), "--steps", "3", "--batch-size", "8", "--quiet")
+    small = ("--steps", "3", "--batch-size", "8", "--quiet", "--eval-examples", "2")
+    result = _run("pretrain", "--out", str(out), *small)
     assert result.returncode == 0, result.stderr
-    assert "saved" in result.stdout
-    for name in ("config.json", "model.safetensors", "tokenizer.json", resolve.TASK_FILE):
+    assert "saved" in result.stdout and "greedy pass@1 0.0%" in result.stdout
+    names = ("config.json", "model.safetensors", "tokenizer.json", resolve.TASK_FILE)
+    for name in (*names, tiny_bases.BASE_EVAL_FILE):
         assert (out / name).is_file()
+    evals = json.loads((out / tiny_bases.BASE_EVAL_FILE).read_text())
+    assert evals["eval_examples"] == 2 and evals["sampled_per_prompt"] == 8
     settings = resolve.task_settings(out)
     assert settings["task"] == "countdown" and settings["template"] == "r1"
     assert settings["options"]["max_number"] == tiny.DEFAULT_TASK_OPTIONS["max_number"]
     texts = _load_and_sample(out, [task.prompt(ex, "r1") for ex in task.examples("test")[:2]])
     assert len(texts) == 2
     again = tmp_path / "again"
-    result = _run("pretrain", "--out", str(again), "--steps", "3", "--batch-size", "8", "--quiet")
+    result = _run("pretrain", "--out", str(again), *small[:-2], "--eval-examples", "0")
     assert result.returncode == 0, result.stderr
     weights = (out / "model.safetensors").read_bytes()
     assert (again / "model.safetensors").read_bytes() == weights  # same seed, same weights
+    assert not (again / tiny_bases.BASE_EVAL_FILE).exists()
 
 
 @pytest.mark.slow
@@ -185,3 +194,95 @@ def test_shipped_tokenizer_round_trips_prompt_and_completion(task) -> None:
     assert tok.convert_tokens_to_ids("</answer>") != tok.unk_token_id
     # AutoTokenizer must honour tokenizer.json as saved (no architecture-specific pre-tokenizer).
     assert tok.tokenize("[12, 40]") == ["[", "12", ", ", "40", "]"]
+
+
+# ---- bases of different strength ----
+
+
+@pytest.mark.usefixtures("one_thread")  # pretraining sets torch threads: restore them
+def test_pretrain_flags_on_a_recipe(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """`--recipe` with flags on top: the recipe's style plus --style is what trains and what
+    rlino_task.json records; a changed recipe is not named as the recipe in base_eval.json."""
+    out = tmp_path / "styled"
+    tiny_bases.run_pretrain_command(
+        out=str(out),
+        recipe="countdown-weak",
+        task="countdown",
+        seed=0,
+        steps=2,
+        batch_size=4,
+        lr=None,
+        threads=1,
+        style=["give_up=0.5"],
+        task_opt=[],
+        eval_examples=1,
+        quiet=True,
+    )
+    assert "saved" in capsys.readouterr().out
+    recorded = json.loads((out / resolve.TASK_FILE).read_text())["pretrain"]
+    assert (recorded["style"]["hit"], recorded["style"]["give_up"]) == (0.15, 0.5)
+    assert recorded["steps"] == 2
+    evals = json.loads((out / tiny_bases.BASE_EVAL_FILE).read_text())
+    assert evals["recipe"] is None and evals["eval_examples"] == 1
+
+
+def test_recipes_are_the_shipped_defaults_plus_style_and_steps() -> None:
+    assert tiny_bases.RECIPES["countdown"].config() == tiny.PretrainConfig()
+    weak, strong = tiny_bases.RECIPES["countdown-weak"], tiny_bases.RECIPES["countdown-strong"]
+    assert weak.config().style.hit < TraceStyle().hit < strong.config().style.hit
+    assert strong.config().steps > tiny.PretrainConfig().steps
+    dirs = {tiny_bases.base_dir(f"tiny:{name}") for name in tiny_bases.RECIPES}
+    assert len(dirs) == len(tiny_bases.RECIPES)  # each recipe its own cache entry
+    assert tiny_bases.recipe_name("tiny:countdown-weak") == "countdown-weak"
+
+
+@pytest.fixture
+def quick_recipe(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> str:
+    """A 2-step recipe `tiny:test-quick`, a private cache and a 2-example base evaluation."""
+    monkeypatch.setenv("RLINO_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(tiny_bases, "EVAL_EXAMPLES", 2)
+    recipe = tiny_bases.BaseRecipe("test-quick", "two steps", TraceStyle(hit=0.9), steps=2)
+    monkeypatch.setitem(tiny_bases.RECIPES, "test-quick", recipe)
+    return "tiny:test-quick"
+
+
+@pytest.mark.usefixtures("one_thread")  # pretraining sets torch threads: restore them
+def test_a_base_is_built_once_then_cached(quick_recipe: str, tmp_path: Path) -> None:
+    path = tiny_bases.ensure_base(quick_recipe)
+    assert path.parent == tmp_path / "cache" / "bases" and path.name.startswith("test-quick-")
+    evals = json.loads((path / tiny_bases.BASE_EVAL_FILE).read_text())
+    assert evals["recipe"] == "test-quick" and evals["eval_examples"] == 2
+    assert 0.0 <= evals["greedy_accuracy"] <= 1.0 and 0.0 <= evals["sampled_accuracy"] <= 1.0
+    assert resolve.task_settings(path)["pretrain"]["style"]["hit"] == 0.9
+    mtime = (path / "model.safetensors").stat().st_mtime_ns
+    assert tiny_bases.ensure_base(quick_recipe) == path
+    assert (path / "model.safetensors").stat().st_mtime_ns == mtime  # not rebuilt
+    assert [p.name for p in path.parent.iterdir()] == [path.name]  # no temporary left
+
+
+@pytest.mark.usefixtures("one_thread")  # pretraining sets torch threads: restore them
+def test_compare_builds_a_named_base_before_its_runs(quick_recipe: str, tmp_path: Path) -> None:
+    from rlino.analysis.compare import run_compare, spec_from_dict
+
+    spec = spec_from_dict(
+        {
+            "methods": ["grpo"],
+            "train": {"model": {"path": quick_recipe}, "iterations": 1, "tensorboard": False},
+        }
+    )
+    seen: list[str | None] = []
+
+    def fake_train(config, run_dir, **kw):
+        seen.append(config.model.path)
+        run_dir.mkdir(parents=True)
+        rows = [
+            {"iteration": 0, "eval/accuracy": 0.5},
+            {"iteration": 1, "eval/accuracy": 0.5, "train/reward_mean": 0.5}
+            | {"train/length_correct": 20.0, "train/length_wrong": 30.0},
+        ]
+        (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+    run_compare(spec, tmp_path / "cmp", progress=False, train_fn=fake_train)
+    built = tiny_bases.base_dir(quick_recipe)
+    assert seen == [str(built)] and tiny_bases.is_built(built)
+    assert spec.run_names() == ["grpo/seed0"]

@@ -12,6 +12,17 @@ config shared by every run::
     train:                          # a TrainConfig mapping (method and seed are set per run)
       iterations: 40
 
+Two optional keys widen the grid and the report::
+
+    bases:                          # base models, a grid axis (runs/METHOD@BASE/seedN)
+      - {label: weak, path: tiny:countdown-weak}    # built-in recipe: built once, then cached
+      - {label: mine, path: path/to/model}
+    passk: {n: 64, prompts: 100}    # pass@k of every final model and base (rlino.analysis.passk)
+
+A `tiny:NAME` model path (in `bases:` or in `train.model.path`) is a built-in tiny base recipe
+(`rlino.tiny_bases`): pretrained into the cache before the first run that needs it. With one base
+(or none) the labels stay plain.
+
 Run `LABEL/seedN` trains with the shared config, `method:` replaced by that entry's params and
 `seed:` by the seed. The train loop's prompt order and sampling seeds are functions of (seed,
 iteration), so every method sees the same prompts for the same seed. Runs live in
@@ -36,6 +47,15 @@ from typing import Any
 
 import yaml
 
+from rlino.analysis.passk import (
+    BASE_PASSK_DIR,
+    BASE_SEED,
+    BASE_SEP,
+    PASSK_FILE,
+    PasskSpec,
+    ensure_passk,
+    parse_passk,
+)
 from rlino.analysis.report import WALL_TIME_FILE, check_layout, run_name, write_report
 from rlino.config import (
     TrainConfig,
@@ -50,7 +70,7 @@ from rlino.errors import UserError
 from rlino.methods import MethodParams, resolve
 
 LABEL = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
-SPEC_KEYS = ("title", "preset", "methods", "seeds", "train")
+SPEC_KEYS = ("title", "preset", "methods", "seeds", "train", "bases", "passk")
 IGNORED_WHEN_RESUMING = ("threads", "tensorboard", "model.device", "eval.batch_size")
 """Config keys that may differ between a finished run and the spec without invalidating it."""
 
@@ -65,8 +85,17 @@ class MethodEntry:
 
 
 @dataclass
+class BaseEntry:
+    """One base model of the grid: a label (runs are `runs/METHOD@LABEL/seedN`) and a model."""
+
+    label: str
+    path: str
+    """a model directory, a hub id, or `tiny:NAME` (a built-in recipe, built into the cache)"""
+
+
+@dataclass
 class CompareSpec:
-    """Methods x seeds, sharing one training config."""
+    """(Bases x) methods x seeds, sharing one training config."""
 
     methods: list[MethodEntry]
     seeds: list[int]
@@ -75,10 +104,25 @@ class CompareSpec:
     preset: str | None = None
     """TrainConfig preset (name in configs/ or YAML path) merged under `train`"""
     title: str = "rlino comparison"
+    bases: list[BaseEntry] = field(default_factory=list)
+    """base models, a grid axis; empty = the one of the training config (`model.path`)"""
+    passk: PasskSpec | None = None
+    """pass@k of every finished run and base; None = not measured"""
+
+    def grid(self) -> list[tuple[MethodEntry, BaseEntry | None, int]]:
+        """Every run as (method, base or None, seed): bases outer, then methods, seeds inner."""
+        bases: list[BaseEntry | None] = [*self.bases] or [None]
+        return [(m, b, s) for b in bases for m in self.methods for s in self.seeds]
+
+    def run_label(self, entry: MethodEntry, base: BaseEntry | None) -> str:
+        """The method's label, or `LABEL@BASE` on a grid of several bases."""
+        if base is None or len(self.bases) < 2:
+            return entry.label
+        return f"{entry.label}{BASE_SEP}{base.label}"
 
     def run_names(self) -> list[str]:
-        """`LABEL/seedN` for every run, methods outer, seeds inner."""
-        return [run_name(m.label, s) for m in self.methods for s in self.seeds]
+        """`LABEL/seedN` for every run, in grid order."""
+        return [run_name(self.run_label(m, b), s) for m, b, s in self.grid()]
 
 
 def _default_label(params: dict[str, Any]) -> str:
@@ -115,6 +159,24 @@ def parse_method(item: Any) -> MethodEntry:
     return MethodEntry(label, params)
 
 
+def parse_base(item: Any) -> BaseEntry:
+    """A base entry from a model path (`tiny:NAME`, a directory, a hub id) or {label?, path}."""
+    from rlino.tiny_bases import is_tiny_ref, recipe_name
+
+    if isinstance(item, str):
+        path, label = item, None
+    elif isinstance(item, dict) and set(item) <= {"label", "path"} and "path" in item:
+        path, label = str(item["path"]), item.get("label")
+    else:
+        raise UserError(f"a base entry is a model path or a mapping {{label, path}}, got {item!r}")
+    if is_tiny_ref(path):
+        recipe_name(path)  # unknown recipe names fail here
+    label = str(label or path.removeprefix("tiny:").rstrip("/").split("/")[-1])
+    if not LABEL.match(label):
+        raise UserError(f"base label {label!r} must be letters, digits and _ . + - only")
+    return BaseEntry(label, path)
+
+
 def parse_seeds(value: Any) -> list[int]:
     """Seeds from a list or a comma-separated string; non-empty, distinct integers."""
     items = value.split(",") if isinstance(value, str) else value
@@ -148,15 +210,27 @@ def spec_from_dict(data: dict[str, Any]) -> CompareSpec:
     if not isinstance(train, dict):
         raise UserError("`train:` must be a mapping of training config keys")
     preset = data.get("preset")
+    raw_bases = data.get("bases") or []
+    if not isinstance(raw_bases, list):
+        raise UserError("`bases:` must be a list of model paths or {label, path} mappings")
+    bases = [parse_base(b) for b in raw_bases]
+    base_labels = [b.label for b in bases]
+    if dupes := sorted({x for x in base_labels if base_labels.count(x) > 1}):
+        raise UserError(f"base labels must be distinct; repeated: {', '.join(dupes)}")
+    if bases and isinstance(train.get("model"), dict) and train["model"].get("path") is not None:
+        raise UserError("give the base models either in `bases:` or as train.model.path, not both")
     spec = CompareSpec(
         methods=methods,
         seeds=parse_seeds(data.get("seeds", [0])),
         train=dict(train),
         preset=None if preset is None else str(preset),
         title=str(data.get("title") or "rlino comparison"),
+        bases=bases,
+        passk=parse_passk(data.get("passk")),
     )
-    for entry in spec.methods:  # fail on a bad shared config before any run starts
-        run_config(spec, entry, spec.seeds[0])
+    for base in spec.bases or [None]:  # fail on a bad shared config before any run starts
+        for entry in spec.methods:
+            run_config(spec, entry, spec.seeds[0], base, built=False)
     return spec
 
 
@@ -187,6 +261,8 @@ def spec_from_flags(
             "methods": [{"label": m.label, **m.params} for m in base.methods],
             "seeds": list(base.seeds),
             "train": dict(base.train),
+            "bases": [asdict(b) for b in base.bases],
+            "passk": None if base.passk is None else asdict(base.passk),
         }
     if methods:
         data["methods"] = [m.strip() for m in methods.split(",") if m.strip()]
@@ -217,12 +293,49 @@ def method_block(spec: CompareSpec, entry: MethodEntry) -> tuple[dict[str, Any],
     return {**carried, **entry.params}, [n for k, n in notes.items() if k not in entry.params]
 
 
-def run_config(spec: CompareSpec, entry: MethodEntry, seed: int) -> TrainConfig:
-    """The validated TrainConfig of run (entry, seed)."""
+def _shared_model_path(spec: CompareSpec) -> Any:
+    """The `model.path` of the preset and the shared train block (None when unset)."""
+    data = deep_merge(read_yaml(preset_path(spec.preset)) if spec.preset else {}, spec.train)
+    model = data.get("model")
+    return model.get("path") if isinstance(model, dict) else None
+
+
+def tiny_refs(spec: CompareSpec) -> list[str]:
+    """The built-in base recipes (`tiny:NAME`) the grid trains from, in grid order."""
+    from rlino.tiny_bases import is_tiny_ref
+
+    paths = [b.path for b in spec.bases] or [_shared_model_path(spec)]
+    return list(dict.fromkeys(p for p in paths if is_tiny_ref(p)))
+
+
+def run_config(
+    spec: CompareSpec,
+    entry: MethodEntry,
+    seed: int,
+    base: BaseEntry | None = None,
+    *,
+    built: bool = True,
+) -> TrainConfig:
+    """The validated TrainConfig of run (entry, base, seed).
+
+    A `tiny:NAME` base becomes its cache directory; `built=False` (checking a spec before the
+    bases are built) validates a base not built yet against the shipped tiny model instead.
+    """
+    from rlino.tiny_bases import base_dir, is_built, is_tiny_ref
+
     data = read_yaml(preset_path(spec.preset)) if spec.preset else {}
     data = deep_merge(data, spec.train)
     data["method"], _ = method_block(spec, entry)
     data["seed"] = seed
+    path = base.path if base is not None else _shared_model_path(spec)
+    if is_tiny_ref(path):
+        directory = base_dir(path)
+        if built and not is_built(directory):
+            raise UserError(f"tiny base {path} is not built yet (rlino pretrain --recipe {path})")
+        path = str(directory) if is_built(directory) else None
+    if base is not None or path != _shared_model_path(spec):
+        model = data.get("model")
+        data["model"] = {**(model if isinstance(model, dict) else {}), "path": path}
     config: TrainConfig = from_dict(TrainConfig, data)
     if config.method.aggregation == "constant" and config.method.constant_length is None:
         _, params = resolve(config.method)
@@ -231,7 +344,7 @@ def run_config(spec: CompareSpec, entry: MethodEntry, seed: int) -> TrainConfig:
     try:
         config.validate()
     except UserError as e:
-        raise UserError(f"run {run_name(entry.label, seed)}: {e}") from None
+        raise UserError(f"run {run_name(spec.run_label(entry, base), seed)}: {e}") from None
     return config
 
 
@@ -281,7 +394,8 @@ def run_compare(
     progress: bool = True,
     train_fn: TrainFn | None = None,
 ) -> Path:
-    """Train every (method, seed) run not yet finished, then write the report; returns report.md.
+    """Train every (base, method, seed) run not yet finished, measure pass@k where asked, then
+    write the report; returns report.md. Built-in bases the grid names are built first.
 
     `train_fn` (default `rlino.train.train`) is injectable so tests can count calls. A run stopped
     early (Ctrl-C) ends the grid; running the same command again resumes it.
@@ -291,11 +405,14 @@ def run_compare(
     if train_fn is None:
         from rlino.train import train as train_fn
     from rlino import checkpoint
+    from rlino.tiny_bases import ensure_base
 
     console = Console(stderr=True, quiet=not progress)
     out_dir = Path(out_dir)
-    runs = [(entry, seed) for entry in spec.methods for seed in spec.seeds]
-    configs = {run_name(e.label, s): run_config(spec, e, s) for e, s in runs}
+    for ref in tiny_refs(spec):
+        ensure_base(ref, progress=progress, say=console.print)
+    grid = spec.grid()
+    configs = {run_name(spec.run_label(e, b), s): run_config(spec, e, s, b) for e, b, s in grid}
     for entry in spec.methods:
         for note in method_block(spec, entry)[1]:
             print(note, file=sys.stderr)
@@ -309,6 +426,8 @@ def run_compare(
     (out_dir / "runs").mkdir(parents=True, exist_ok=True)
     record = {"spec": _spec_dict(spec), "run_names": spec.run_names()}
     (out_dir / "compare.json").write_text(json.dumps(record, indent=2) + "\n")
+    if spec.passk is not None:
+        _base_passk(spec, spec.passk, out_dir, console)
 
     stopped = False
     for i, (name, config) in enumerate(configs.items(), start=1):
@@ -316,26 +435,51 @@ def run_compare(
         head = f"[{i}/{len(configs)}] {name}"
         if (run_dir / "final").is_dir():
             console.print(f"{head}: finished earlier, skipped")
-            continue
-        ckpt = checkpoint.latest(run_dir) if run_dir.is_dir() else None
-        if ckpt is not None:
-            console.print(f"{head}: resuming from {ckpt.name}")
         else:
-            if run_dir.exists():
-                console.print(f"{head}: partial run without a checkpoint, restarting it")
-                shutil.rmtree(run_dir)
-            console.print(f"{head}: training {config.iterations} iterations")
-        start = time.perf_counter()
-        result = train_fn(config, run_dir, resume=ckpt is not None, progress=progress)
-        _record_wall_time(run_dir, time.perf_counter() - start)
-        if not getattr(result, "completed", True):
-            console.print(f"{head}: stopped; run the same command again to resume")
-            stopped = True
-            break
+            ckpt = checkpoint.latest(run_dir) if run_dir.is_dir() else None
+            if ckpt is not None:
+                console.print(f"{head}: resuming from {ckpt.name}")
+            else:
+                if run_dir.exists():
+                    console.print(f"{head}: partial run without a checkpoint, restarting it")
+                    shutil.rmtree(run_dir)
+                console.print(f"{head}: training {config.iterations} iterations")
+            start = time.perf_counter()
+            result = train_fn(config, run_dir, resume=ckpt is not None, progress=progress)
+            _record_wall_time(run_dir, time.perf_counter() - start)
+            if not getattr(result, "completed", True):
+                console.print(f"{head}: stopped; run the same command again to resume")
+                stopped = True
+                break
+        final = run_dir / "final"
+        if spec.passk is not None and final.is_dir():
+            measured = ensure_passk(run_dir / PASSK_FILE, final, config, spec.passk, config.seed)
+            if measured:
+                console.print(f"{head}: pass@k measured ({_passk_size(spec.passk)})")
     if not stopped:
         console.print(f"all {len(configs)} runs finished")
     write_report(out_dir, spec.title)
     return out_dir / "report.md"
+
+
+def _passk_size(p: PasskSpec) -> str:
+    return f"{p.n} samples x {p.prompts} prompts at temperature {p.temperature}"
+
+
+def _base_passk(spec: CompareSpec, passk: PasskSpec, out_dir: Path, console: Any) -> None:
+    """pass@k of each base model before training, once per comparison (`base_passk/BASE.json`)."""
+    from rlino.setup import target_of
+
+    for base in spec.bases or [None]:
+        config = run_config(spec, spec.methods[0], BASE_SEED, base)
+        target = target_of(config)
+        label = base.label if base is not None and len(spec.bases) > 1 else "base"
+        path = out_dir / BASE_PASSK_DIR / f"{label}.json"
+        measured = ensure_passk(
+            path, target.model_path, config, passk, BASE_SEED, gguf_file=target.gguf_file
+        )
+        if measured:
+            console.print(f"base {label}: pass@k measured ({_passk_size(passk)})")
 
 
 def _spec_dict(spec: CompareSpec) -> dict[str, Any]:

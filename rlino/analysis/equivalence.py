@@ -18,6 +18,11 @@ on exactly that batch and compared with GRPO's on-policy gradient (beta 0, one s
   ones whose ratios move, and clip, first.
 - `grpo k steps + kl`: the same point with the KL to the starting policy added: the KL
   term's real effect once the policy has moved (compared with the row above as well).
+- `vine`: Monte-Carlo step credit (`rlino.vine`, K continuations from every step boundary of the
+  same batch): what leaving the degenerate MDP changes in the gradient, against GRPO's, and
+  `vine vs fisft+-` the same gradient against F-ISFT+-'s (that row's cosine is not GRPO's);
+  `vine, new draws` takes it again with fresh continuations, against the first: the part of
+  vine's difference from the others that is only Monte-Carlo noise.
 """
 
 from __future__ import annotations
@@ -34,7 +39,7 @@ if TYPE_CHECKING:
     import torch
 
     from rlino.policy import Policy
-    from rlino.step import Scored
+    from rlino.step import ContinuationSampler, Scored
     from rlino.tasks import Task
     from rlino.update import TokenBatch
 
@@ -125,12 +130,22 @@ class Variant:
     """taken after the k inner GRPO steps (off-policy), with the starting log-probs as old"""
     kl: bool = False
     """with the KL term to the starting policy (beta from the command)"""
+    against: str = "grpo"
+    """the row whose gradient this one is compared with: grpo, or another row's key"""
+    redraw: bool = False
+    """a sampling method's loss again with fresh Monte-Carlo draws (not the cached gradient)"""
+
+    @property
+    def flat(self) -> str:
+        """Prefix of the row's numbers in the JSON: `grpo_vs_<key>`, or `<key>` when its
+        comparison is named in the key itself (e.g. `vine_vs_fisft_pm`)."""
+        return f"grpo_vs_{self.key}" if self.against == "grpo" else self.key
 
 
-def variants(alpha: float, clip_eps: float) -> list[Variant]:
-    """The rows after the GRPO reference row, in table order."""
+def variants(alpha: float, clip_eps: float, mc_samples: int = 4) -> list[Variant]:
+    """The rows after the GRPO reference row, in table order (no vine rows for mc_samples 0)."""
     grpo = MethodParams(name="grpo", beta=0.0, clip_eps=clip_eps)
-    return [
+    rows = [
         Variant(
             "fisft-grpo", "fisft", "likelihood, weights A+/A-", MethodParams(name="fisft-grpo")
         ),
@@ -164,10 +179,32 @@ def variants(alpha: float, clip_eps: float) -> list[Variant]:
             kl=True,
         ),
     ]
+    if not mc_samples:
+        return rows
+    vine = MethodParams(name="vine", beta=0.0, clip_eps=clip_eps, mc_samples=mc_samples)
+    return [
+        *rows,
+        Variant("vine", "vine", "MC step values, K = {mc_samples} per boundary", vine),
+        Variant(
+            "vine vs fisft+-",
+            "vine_vs_fisft_pm",
+            "vine's gradient; cosine vs fisft+-, not grpo",
+            vine,
+            against="fisft_pm",
+        ),
+        Variant(
+            "vine, new draws",
+            "vine_vs_vine_redraw",
+            "fresh MC continuations; cosine vs vine",
+            vine,
+            against="vine",
+            redraw=True,
+        ),
+    ]
 
 
 ROW_KEYS = {v.label: v.key for v in variants(0.5, 0.2)}
-"""Row label -> short key used in the JSON (`grpo_vs_<key>_cosine`, `grpo_vs_<key>_rel_diff`)."""
+"""Row label -> short key; the JSON holds `<flat>_cosine` and `<flat>_rel_diff` (`Variant.flat`)."""
 
 
 def _moved_copy(
@@ -224,13 +261,18 @@ def gradient_equivalence(
     alpha: float = 0.5,
     micro_batch_size: int = 64,
     backend: str = "builtin",
+    mc_samples: int = 4,
 ) -> dict[str, Any]:
     """Gradients of GRPO and its F-ISFT relatives on one real batch, compared with GRPO's.
 
     Returns a JSON-ready dict: `rows` (label, what, cosine, rel_diff, norm, clip_frac, kl), the
     flat `grpo_vs_<key>_cosine` / `_rel_diff` numbers (key in ROW_KEYS; `grpo_vs_fisft_cosine` is
-    GRPO vs fisft-grpo), `kl_effect_cosine` (k steps with vs without KL) and batch facts. The
-    policy's weights are left unchanged (the k-step model is a copy). Deterministic for a seed.
+    GRPO vs fisft-grpo; `vine_vs_fisft_pm_cosine` compares vine with F-ISFT+-,
+    `vine_vs_vine_redraw_cosine` two Monte-Carlo draws of vine's),
+    `kl_effect_cosine` (k steps with vs without KL), `mc_tokens` (the continuation tokens the vine
+    rows sampled, `mc_samples` per step boundary; 0 leaves the vine rows out, as `rlino demo`
+    does to stay fast) and batch facts. The policy's weights are left
+    unchanged (the k-step model is a copy). Deterministic for a seed.
     """
     import torch
 
@@ -240,6 +282,8 @@ def gradient_equivalence(
         raise UserError(f"inner steps must be >= 1 (got {inner_steps})")
     if beta <= 0:
         raise UserError(f"beta must be > 0 for the KL rows (got {beta})")
+    if mc_samples < 0:
+        raise UserError(f"mc_samples must be >= 0 (got {mc_samples}; 0 = no vine rows)")
 
     template = template or task.default_template
     torch.manual_seed(seed)
@@ -254,9 +298,20 @@ def gradient_equivalence(
         backend=backend,
     )
     policy.model.eval()  # no dropout: the gradients must be deterministic functions of the weights
-    fill = {"alpha": alpha, "plus": 1 - alpha, "beta": beta, "steps": inner_steps, "lr": inner_lr}
+    fill = {
+        "alpha": alpha,
+        "plus": 1 - alpha,
+        "beta": beta,
+        "steps": inner_steps,
+        "lr": inner_lr,
+        "mc_samples": mc_samples,
+    }
     grpo = MethodParams(name="grpo", beta=0.0, clip_eps=clip_eps)
-    m = _measure(policy.model, batch, grpo, variants(alpha, clip_eps), fill, micro_batch_size)
+    sampler = _continuation_sampler(
+        policy, task, template, batch, seed=seed, max_new_tokens=max_new_tokens, backend=backend
+    )
+    table = variants(alpha, clip_eps, mc_samples)
+    m = _measure(policy.model, batch, grpo, table, fill, micro_batch_size, sampler)
     result: dict[str, Any] = {
         "model": policy.source,
         "task": task.name,
@@ -276,12 +331,45 @@ def gradient_equivalence(
         "k_steps_clip_frac": m.stats["k_steps"].get("clip_frac"),
         "k_steps_ratio_mean": m.stats["k_steps"].get("ratio_mean"),
         "k_steps_kl": m.stats["k_steps_kl"].get("kl"),
+        "mc_samples": mc_samples,
+        "mc_tokens": sampler.sampled_tokens,
     }
-    for row in m.rows[1:]:
-        key = ROW_KEYS[row["label"]]
-        result[f"grpo_vs_{key}_cosine"] = row["cosine"]
-        result[f"grpo_vs_{key}_rel_diff"] = row["rel_diff"]
+    for v, row in zip(table, m.rows[1:], strict=True):
+        result[f"{v.flat}_cosine"] = row["cosine"]
+        result[f"{v.flat}_rel_diff"] = row["rel_diff"]
     return result
+
+
+MC_SEED_OFFSET = 104_729
+"""Added to the batch's sampling seed for the vine rows' continuations (as in training)."""
+
+
+def _continuation_sampler(
+    policy: Policy,
+    task: Task,
+    template: str,
+    batch: Batch,
+    *,
+    seed: int,
+    max_new_tokens: int,
+    backend: str,
+) -> ContinuationSampler:
+    """The sampler of Monte-Carlo values for the vine rows: the batch's own sampling settings."""
+    from rlino.rollout import SamplingConfig
+    from rlino.step import ContinuationSampler
+
+    sampling = SamplingConfig(
+        temperature=1.0, max_new_tokens=max_new_tokens, stop_strings=task.stop_strings(template)
+    )
+    return ContinuationSampler(
+        None,
+        batch.scored,
+        seed * SAMPLING_SEED_STRIDE + batch.attempt + MC_SEED_OFFSET,
+        policy=policy,
+        task=task,
+        sampling=sampling,
+        backend=backend,
+    )
 
 
 @dataclass
@@ -306,6 +394,11 @@ def _row(label: str, what: str, g: Any, g_ref: Any, stats: dict[str, float], kl:
     }
 
 
+def _params(v: Variant, fill: dict[str, Any]) -> MethodParams:
+    """The variant's method params, with the command's beta when it has the KL term."""
+    return replace(v.params, beta=fill["beta"]) if v.kl else v.params
+
+
 def _measure(
     model: torch.nn.Module,
     batch: Batch,
@@ -313,8 +406,14 @@ def _measure(
     table: list[Variant],
     fill: dict[str, Any],
     micro: int,
+    sampler: ContinuationSampler | None = None,
 ) -> Measured:
-    """GRPO's on-policy gradient, then each variant's, compared with it."""
+    """GRPO's on-policy gradient, then each variant's, compared with its `against` row's.
+
+    A loss met twice (same params, model and log-probs) is differentiated once: the vine rows
+    share one gradient and so one set of Monte-Carlo values. Only the gradients a later row
+    needs are kept (a model's gradient is as large as its weights).
+    """
     from rlino.update import MicroBatching, frozen_logprobs
 
     # the starting policy's log-probs: old log-probs off-policy, and the reference's for the KL
@@ -323,23 +422,33 @@ def _measure(
     rows = [_row("grpo", "beta 0, ratio 1, seq-mean", g_grpo, g_grpo, {"clip_frac": 0.0}, False)]
     moved = None
     stats: dict[str, dict[str, float]] = {}
-    grads: dict[str, torch.Tensor] = {}
-    for v in table:
+    grads: dict[str, torch.Tensor] = {"grpo": g_grpo}
+    keep = {v.against for v in table} | {"k_steps", "k_steps_kl"}
+    losses = [(repr(_params(v, fill)), v.moved, v.kl, v.redraw) for v in table]
+    seen: dict[tuple[Any, ...], tuple[torch.Tensor, dict[str, float]]] = {}
+    for v, loss in zip(table, losses, strict=True):
         if v.moved and moved is None:
             moved = _moved_copy(
                 model, batch, grpo, base_logp, steps=fill["steps"], lr=fill["lr"], micro=micro
             )
-        g, stats[v.key] = flat_gradient(
-            moved if v.moved else model,
-            batch.scored,
-            batch.tokens,
-            replace(v.params, beta=fill["beta"]) if v.kl else v.params,
-            micro=micro,
-            old_logp=base_logp if v.moved else None,
-            ref_logp=base_logp if v.kl else None,
-        )
-        rows.append(_row(v.label, v.what.format(**fill), g, g_grpo, stats[v.key], v.kl))
-        if v.moved:
+        if loss in seen:
+            g, stats[v.key] = seen[loss]
+        else:
+            g, stats[v.key] = flat_gradient(
+                moved if v.moved else model,
+                batch.scored,
+                batch.tokens,
+                _params(v, fill),
+                micro=micro,
+                old_logp=base_logp if v.moved else None,
+                ref_logp=base_logp if v.kl else None,
+                sampler=sampler,
+            )
+            if losses.count(loss) > 1:
+                seen[loss] = g, stats[v.key]
+        if v.key in keep:
             grads[v.key] = g
+        what = v.what.format(**fill)
+        rows.append(_row(v.label, what, g, grads[v.against], stats[v.key], v.kl))
     kl_effect = compare_gradients(grads["k_steps_kl"], grads["k_steps"])
     return Measured(rows, int(g_grpo.numel()), stats, kl_effect)

@@ -16,6 +16,7 @@ from rlino.methods import MethodParams, resolve, weigh
 if TYPE_CHECKING:
     import torch
 
+    from rlino.methods import Sampler
     from rlino.step import Scored
     from rlino.update import TokenBatch
 
@@ -29,9 +30,11 @@ def loss_backward(
     micro: int,
     old_logp: torch.Tensor | None = None,
     ref_logp: torch.Tensor | None = None,
+    sampler: Sampler | None = None,
 ) -> dict[str, float]:
     """Backward of the method's loss over the whole batch; returns its k3 KL and, for the clipped
-    surrogate, the clip fraction and mean ratio over every token of the batch."""
+    surrogate, the clip fraction and mean ratio over every token of the batch. `sampler` is
+    handed to the weighting (a Monte-Carlo method such as vine needs one)."""
     import torch
 
     from rlino.update import MicroBatching, accumulate_gradients, token_means
@@ -39,7 +42,7 @@ def loss_backward(
     method, resolved = resolve(params)
     if resolved.aggregation == "constant" and resolved.constant_length is None:
         resolved = replace(resolved, constant_length=tokens.mask.shape[1])
-    weights = weigh(method, resolved, scored).to(tokens.mask.device)
+    weights = weigh(method, resolved, scored, sampler).to(tokens.mask.device)
     rows = torch.arange(len(tokens), device=tokens.mask.device)
     totals = accumulate_gradients(
         model,

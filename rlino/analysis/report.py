@@ -11,6 +11,7 @@ Statistics are over seeds (`rlino.analysis.seed_stats`): mean, sample standard d
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import re
@@ -62,6 +63,9 @@ class RunSummary:
     equiv_cosine_offpolicy: float | None = None
     equiv_clip_frac: float | None = None
     """means over the iterations where equivalence was tracked (analysis.equivalence_every)"""
+    accuracy_auc: float | None = None
+    """area under the eval accuracy curve over the iterations evaluated, divided by their span:
+    the mean accuracy along training (trapezoids between evaluations)"""
 
 
 def _last(rows: list[dict[str, Any]], key: str) -> float | None:
@@ -108,7 +112,20 @@ def summarize_rows(rows: list[dict[str, Any]], label: str, seed: int, finished: 
         equiv_cosine_onpolicy=_mean_of(train_rows, "equiv/cosine_onpolicy"),
         equiv_cosine_offpolicy=_mean_of(train_rows, "equiv/cosine_offpolicy"),
         equiv_clip_frac=_mean_of(train_rows, "equiv/clip_frac"),
+        accuracy_auc=normalised_area(
+            [(float(r["iteration"]), float(r["eval/accuracy"])) for r in eval_rows]
+        ),
     )
+
+
+def normalised_area(points: Sequence[tuple[float, float]]) -> float | None:
+    """Trapezoid area under (x, y) points divided by the x span (the curve's mean height); None
+    with fewer than two distinct x. Why normalised: runs of different length stay comparable."""
+    pts = sorted(dict(points).items())
+    if len(pts) < 2:
+        return None
+    area = sum((x1 - x0) * (y0 + y1) / 2 for (x0, y0), (x1, y1) in itertools.pairwise(pts))
+    return area / (pts[-1][0] - pts[0][0])
 
 
 def _mean_of(rows: list[dict[str, Any]], key: str) -> float | None:
@@ -179,6 +196,7 @@ SUMMARY_FIELDS = (
     "equiv_cosine_onpolicy",
     "equiv_cosine_offpolicy",
     "equiv_clip_frac",
+    "accuracy_auc",
 )
 
 
@@ -245,22 +263,31 @@ def _mean(stats: dict[str, Any] | None, digits: int = 1, scale: float = 1.0) -> 
     return "-" if stats is None else f"{stats['mean'] * scale:.{digits}f}"
 
 
-def render_markdown(table: dict[str, dict[str, Any]], title: str, plots: Sequence[str]) -> str:
-    """report.md: the accuracy table, the length table, costs, and links to the plots."""
+def render_markdown(
+    table: dict[str, dict[str, Any]],
+    title: str,
+    plots: Sequence[str],
+    sections: Sequence[str] = (),
+) -> str:
+    """report.md: the accuracy table, the length table, costs, `sections` (markdown blocks such
+    as accuracy along training and pass@k), and links to the plots."""
     lines = [
         f"# {title}",
         "",
         "Greedy pass@1 on the fixed test subset, in %. Mean ± sample std over seeds, "
-        "[95% t confidence interval]; n=1 means a single seed (no spread).",
+        "[95% t confidence interval]; n=1 means a single seed (no spread). AUC: the area under "
+        "the eval accuracy curve divided by the iterations it spans (mean accuracy along "
+        "training, %).",
         "",
-        "| method | seeds | final accuracy | start (base) | gain over base |",
-        "|---|---|---|---|---|",
+        "| method | seeds | final accuracy | start (base) | gain over base | AUC |",
+        "|---|---|---|---|---|---|",
     ]
     for label, e in table.items():
         seeds = ",".join(str(s) for s in e["seeds"])
         lines.append(
             f"| {label} | {seeds} | {_fmt(e['final_accuracy'], 1, 100)} | "
-            f"{_mean(e['start_accuracy'], 1, 100)} | {_fmt(e['gain'], 1, 100)} |"
+            f"{_mean(e['start_accuracy'], 1, 100)} | {_fmt(e['gain'], 1, 100)} | "
+            f"{_fmt(e['accuracy_auc'], 1, 100)} |"
         )
     lines += [
         "",
@@ -313,9 +340,33 @@ def render_markdown(table: dict[str, dict[str, Any]], title: str, plots: Sequenc
                 f"| {label} | {_fmt(e['equiv_cosine_onpolicy'], 4)} "
                 f"| {_fmt(e['equiv_cosine_offpolicy'], 4)} | {_fmt(e['equiv_clip_frac'], 4)} |"
             )
+    for section in sections:
+        lines += ["", section.rstrip("\n")]
     if plots:
         lines += ["", "## Plots", ""]
         lines += [f"![{Path(p).stem}]({p})" for p in plots]
+    return "\n".join(lines) + "\n"
+
+
+def accuracy_section(curves_by_label: dict[str, dict[str, list[float]]], columns: int = 11) -> str:
+    """Greedy accuracy (%, mean over seeds) at the evaluated iterations, one row per label; at
+    most `columns` iterations, evenly spread, the first and the last always among them."""
+    its = sorted({int(i) for c in curves_by_label.values() for i in c["iteration"]})
+    if len(its) > columns:
+        picks = {round(j * (len(its) - 1) / (columns - 1)) for j in range(columns)}
+        its = [its[j] for j in sorted(picks)]
+    lines = [
+        "## Accuracy along training",
+        "",
+        "Greedy pass@1 (%) at the evaluated iterations, mean over seeds.",
+        "",
+        "| method | " + " | ".join(f"it {i}" for i in its) + " |",
+        "|---|" + "---|" * len(its),
+    ]
+    for label, curve in curves_by_label.items():
+        at = dict(zip((int(i) for i in curve["iteration"]), curve["mean"], strict=True))
+        cells = [f"{100 * at[i]:.1f}" if i in at else "-" for i in its]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -381,12 +432,21 @@ def write_report(out_dir: Path, title: str = "rlino comparison") -> dict[str, An
                 ylabel="cosine",
             )
         )
+    from rlino.analysis.passk import passk_report
+
+    sections = [accuracy_section(plot_curves["eval/accuracy"])]
+    passk_section, passk_plot, passk_data = passk_report(out_dir, dirs)
+    if passk_plot is not None:
+        sections.append(passk_section)
+        plots.append(passk_plot)
     summary = {
         "methods": table,
         "runs": [asdict(s) for s in summaries],
         "plots": [str(Path(p).name) for p in plots],
     }
+    if passk_data:
+        summary["passk"] = passk_data
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    markdown = render_markdown(table, title, [Path(p).name for p in plots])
+    markdown = render_markdown(table, title, [Path(p).name for p in plots], sections)
     (out_dir / "report.md").write_text(markdown)
     return summary

@@ -11,6 +11,7 @@ verifiers, weighting and the training step never care which engine produced the 
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -132,30 +133,55 @@ def stop_ids(policy: Policy, config: SamplingConfig) -> list[int]:
     return sorted(ids)
 
 
+PROMPT_SEED_STRIDES = (1_000_000_007, 7_919, 1)
+"""seed of prompt i under call seed s = s * a + i * b + c mod 2^63 (distinct primes)"""
+
+
+def prompt_seeds(seed: int, indices: Iterable[int]) -> list[int]:
+    """One sampling seed per prompt, a pure function of (seed, the prompt's global index).
+
+    A data-parallel rank passes the global indices of its shard, so each prompt draws the same
+    completions on any number of ranks and in any batch.
+    """
+    a, b, c = PROMPT_SEED_STRIDES
+    return [(seed * a + i * b + c) % 2**63 for i in indices]
+
+
 def generate(
     policy: Policy,
     prompt_ids: list[list[int]],
     num_samples: int,
     config: SamplingConfig,
     *,
-    seed: int,
+    seed: int | Sequence[int],
     backend: str = "builtin",
     batch_size: int | None = None,
 ) -> Rollouts:
     """Sample `num_samples` completions for each prompt with the chosen backend.
 
-    Deterministic for a given seed, backend, device and batch_size. `batch_size` caps the number of
-    rows (samples) decoded at once; None decodes everything in one batch.
+    `seed`: one int (prompt i then gets `prompt_seeds(seed, [i])`), or one seed per prompt. With
+    the built-in backend a prompt's samples depend on its own seed only, whatever else is in the
+    batch and whatever `batch_size` (up to float rounding where batch shape changes a kernel's
+    arithmetic); the hf and vllm backends take one seed for the call (the first, if several) and
+    are deterministic for a given seed, device and batch_size only. `batch_size` caps the number
+    of rows (samples) decoded at once; None decodes everything in one batch.
     """
     if num_samples < 1:
         raise UserError(f"num_samples must be >= 1, got {num_samples}")
     if batch_size is not None and batch_size < 1:
         raise UserError(f"batch_size must be >= 1, got {batch_size}")
+    if isinstance(seed, int):
+        seeds = prompt_seeds(seed, range(len(prompt_ids)))
+    else:
+        seeds = [int(s) for s in seed]
+        if len(seeds) != len(prompt_ids):
+            raise ValueError(f"{len(seeds)} seeds for {len(prompt_ids)} prompts")
+        seed = seeds[0] if seeds else 0
     if backend == "builtin":
         from rlino.rollout.sampler import generate_builtin
 
         return generate_builtin(
-            policy, prompt_ids, num_samples, config, seed=seed, batch_size=batch_size
+            policy, prompt_ids, num_samples, config, seeds=seeds, batch_size=batch_size
         )
     if backend == "hf":
         from rlino.rollout.hf import generate_hf

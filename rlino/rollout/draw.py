@@ -1,8 +1,10 @@
-"""Drawing one token per row from logits: seeded, two uniforms per row, one pass over the logits.
+"""Drawing one token per row from logits: two given uniforms per row, one pass over the logits.
 
 `sample_next` applies temperature, top-k and top-p and returns the token with its log-prob under
 the distribution actually sampled from; `draw` and `sample_softmax` are the inverse-CDF draws
-behind it (see their docstrings for why not `torch.multinomial`).
+behind it (see their docstrings for why not `torch.multinomial`). The caller supplies the random
+numbers, (B, 2) uniforms, so that each row's draws can come from its own prompt's stream and a
+sample does not depend on which other rows share its batch (`rlino.rollout.sampler`).
 """
 
 from __future__ import annotations
@@ -13,9 +15,11 @@ from rlino.rollout import SamplingConfig
 
 
 def sample_next(
-    logits: torch.Tensor, config: SamplingConfig, generator: torch.Generator
+    logits: torch.Tensor, config: SamplingConfig, uniform: torch.Tensor | None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Pick one token per row from (B, V) logits; return (tokens (B,), log-probs (B,)).
+
+    uniform: (B, 2) in [0, 1), the row's two random numbers (unused, may be None, when greedy).
 
     The log-prob is under the distribution actually sampled from (temperature, top-k and top-p
     applied, renormalised). Greedy (temperature 0) reports the log-prob under the raw softmax.
@@ -25,7 +29,7 @@ def sample_next(
         tokens = z.argmax(dim=-1)  # (B,)
         return tokens, z.gather(1, tokens[:, None]).squeeze(1) - z.logsumexp(dim=-1)
     if not 0 < config.top_k < z.shape[-1] and config.top_p >= 1.0:
-        return sample_softmax(z, config.temperature, generator)
+        return sample_softmax(z, config.temperature, _given(uniform))
     if config.temperature != 1.0:
         z = z / config.temperature
     if 0 < config.top_k < z.shape[-1]:
@@ -34,15 +38,21 @@ def sample_next(
     if config.top_p < 1.0:
         z = _top_p_filter(z, config.top_p)
     lse = z.logsumexp(dim=-1, keepdim=True)  # (B, 1)
-    tokens = draw(z.sub(lse).exp_(), generator)  # (B,)
+    tokens = draw(z.sub(lse).exp_(), _given(uniform))  # (B,)
     return tokens, (z.gather(1, tokens[:, None]) - lse).squeeze(1)
+
+
+def _given(uniform: torch.Tensor | None) -> torch.Tensor:
+    if uniform is None:
+        raise ValueError("sampling at temperature > 0 needs uniforms")
+    return uniform
 
 
 DRAW_BLOCK = 256
 """vocabulary block size of the two-level inverse-CDF draw"""
 
 
-def draw(probs: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+def draw(probs: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
     """One token per row of (B, V) non-negative weights, with probability proportional to them.
 
     Inverse CDF with two uniforms per row: first a block of `DRAW_BLOCK` tokens by the blocks'
@@ -56,7 +66,7 @@ def draw(probs: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     rows, vocab = probs.shape
     pad = -vocab % DRAW_BLOCK
     blocks = torch.nn.functional.pad(probs, (0, pad)).view(rows, -1, DRAW_BLOCK)  # (B, nb, blk)
-    uniform = torch.rand((rows, 2), generator=generator, device=probs.device, dtype=probs.dtype)
+    uniform = uniform.to(probs.dtype)  # (B, 2)
     block = _inverse_cdf(blocks.sum(dim=-1), uniform[:, :1])  # (B, 1)
     inner = blocks.gather(1, block[:, :, None].expand(-1, -1, DRAW_BLOCK)).squeeze(1)  # (B, blk)
     return (block * DRAW_BLOCK + _inverse_cdf(inner, uniform[:, 1:])).squeeze(1)  # (B,)
@@ -67,7 +77,7 @@ SAMPLE_CHUNK = 16 * DRAW_BLOCK
 
 
 def sample_softmax(
-    logits: torch.Tensor, temperature: float, generator: torch.Generator
+    logits: torch.Tensor, temperature: float, uniform: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Draw one token per row from softmax(logits / temperature); return (tokens, log-probs).
 
@@ -102,7 +112,6 @@ def sample_softmax(
         blocks = torch.arange(block_mass.shape[1], device=logits.device)
         owner = blocks // (SAMPLE_CHUNK // DRAW_BLOCK)  # (blocks,) chunk of each block
         block_mass *= (peaks - top).exp_()[:, owner]
-    uniform = torch.rand((rows, 2), generator=generator, device=logits.device)
     block = _inverse_cdf(block_mass, uniform[:, :1])  # (B, 1)
     columns = block * DRAW_BLOCK + torch.arange(DRAW_BLOCK, device=logits.device)  # (B, blk)
     inside = columns < vocab

@@ -98,6 +98,8 @@ def unsupported_reason(model: torch.nn.Module, max_len: int) -> str | None:
     name = type(model).__name__
     if name not in SUPPORTED:
         return f"{name} is not one of {', '.join(SUPPORTED)}"
+    if any(hasattr(module, "base_layer") for module in model.modules()):  # peft's adapter layers
+        return "it carries LoRA adapters, which the fused base weights would leave out"
     config = model.config
     if getattr(config, "hidden_act", None) != "silu":
         return f"activation {config.hidden_act!r} is not silu"

@@ -15,8 +15,10 @@ token passes a chain of logits processors and stopping criteria. Here instead:
   and mask machinery; other architectures step through the model's forward, with the decode mask
   handed over ready-made as a sliced (rows, 1, 1, L) bool tensor where transformers allows it
   (sdpa, full attention in every layer);
-- sampling is a two-level inverse-CDF draw with a seeded `torch.Generator` (two random numbers per
-  row, not one per vocabulary entry), and the sampling log-prob of each chosen token; without top-k
+- sampling is a two-level inverse-CDF draw (two random numbers per row, not one per vocabulary
+  entry) from one seeded `torch.Generator` per prompt, which draws for all G rows of its prompt
+  every step, finished or not: a sample depends on its prompt's seed alone, not on which other
+  prompts share the batch or how it is chunked (what keeps N data-parallel ranks equal to one), and the sampling log-prob of each chosen token; without top-k
   and top-p (the usual RL setting) it reads the logits once, in cache-sized chunks;
 - rows that hit EOS, a stop id or a stop string are dropped from the batch (cache, mask, positions)
   every few steps, so finished samples stop costing compute.
@@ -24,6 +26,7 @@ token passes a chain of logits processors and stopping criteria. Here instead:
 
 from __future__ import annotations
 
+import inspect
 from typing import TYPE_CHECKING
 
 import torch
@@ -36,8 +39,31 @@ from rlino.rollout.fast_decode import LeanDecoder, lean_decoder
 if TYPE_CHECKING:
     from rlino.policy import Policy
 
+
+class _PromptNoise:
+    """The random numbers of one chunk of prompts: one generator per prompt, G rows each."""
+
+    def __init__(self, seeds: list[int], group: int, device: torch.device) -> None:
+        self.generators = [torch.Generator(device=device).manual_seed(s) for s in seeds]
+        self.group, self.device = group, device
+
+    def uniforms(self, rows: torch.Tensor) -> torch.Tensor:
+        """(b, 2) uniforms for the active `rows` (original row indices in this chunk)."""
+        draws = [
+            torch.rand((self.group, 2), generator=g, device=self.device) for g in self.generators
+        ]
+        return torch.cat(draws).index_select(0, rows)
+
+
 COMPACT_EVERY = 8
 """steps between checks for finished rows to drop from the batch"""
+
+
+def cache_keyword(model: torch.nn.Module) -> str:
+    """The name forward takes the KV cache by: `cache` in recent transformers (5.2x), which
+    still accept `past_key_values` with a warning; `past_key_values` in earlier 5.x, which would
+    silently ignore `cache`."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
 class _SlabLayer(DynamicLayer):
@@ -147,7 +173,7 @@ class _ModelStep:
             input_ids=tokens[:, None],
             attention_mask=attn[:, None, None, :] if self.ready_made else attn.long(),
             position_ids=positions[:, None],
-            cache=self.cache,
+            **{cache_keyword(self.model): self.cache},
             use_cache=True,
         )
         return out.logits[:, -1]  # (b, V)
@@ -189,7 +215,7 @@ def _decode_chunk(
     config: SamplingConfig,
     stop_token_ids: torch.Tensor,
     stopper: _StopStrings | None,
-    generator: torch.Generator,
+    seeds: list[int],
     pad_id: int,
     decoder: LeanDecoder | None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -208,7 +234,7 @@ def _decode_chunk(
         input_ids=ids,
         attention_mask=mask.long(),
         position_ids=positions,
-        cache=cache,
+        **{cache_keyword(model): cache},
         use_cache=True,
         logits_to_keep=1,
     )
@@ -227,8 +253,10 @@ def _decode_chunk(
     done = torch.zeros(rows_total, dtype=torch.bool, device=device)
     sync_every = 1 if device.type == "cpu" or stopper is not None else COMPACT_EVERY
 
+    noise = None if config.temperature == 0 else _PromptNoise(seeds, group, device)
     for step in range(steps):
-        tokens, lp = sample_next(logits, config, generator)  # (b,), (b,)
+        uniform = None if noise is None else noise.uniforms(rows)
+        tokens, lp = sample_next(logits, config, uniform)  # (b,), (b,)
         live = ~done
         completion[rows, step] = torch.where(live, tokens, pad_id)
         comp_mask[rows, step] = live
@@ -261,11 +289,13 @@ def generate_builtin(
     num_samples: int,
     config: SamplingConfig,
     *,
-    seed: int,
+    seeds: list[int],
     batch_size: int | None = None,
     lean: bool = True,
 ) -> Rollouts:
     """Sample with the built-in KV-cache sampler; see `rlino.rollout.generate` for the contract.
+
+    `seeds`: one per prompt; a prompt's samples depend on its seed alone.
 
     Returns CPU tensors. Prompts are decoded in chunks of whole prompts so that at most
     `batch_size` rows run at once (at least one prompt's samples per chunk). Decode steps use
@@ -280,7 +310,6 @@ def generate_builtin(
     per_chunk = num_prompts if batch_size is None else max(1, batch_size // num_samples)
     stops = torch.tensor(stop_ids(policy, config), dtype=torch.long, device=device)
     stopper = _StopStrings(tokenizer, config.stop_strings) if config.stop_strings else None
-    generator = torch.Generator(device=device).manual_seed(seed)
 
     was_training = model.training
     model.eval()
@@ -299,7 +328,7 @@ def generate_builtin(
                 config,
                 stops,
                 stopper,
-                generator,
+                seeds[i : i + per_chunk],
                 pad_id,
                 decoder,
             )

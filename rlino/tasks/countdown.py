@@ -10,11 +10,13 @@ or a Hugging Face dataset id) in TinyZero's schema (`nums`, `target`) or ours (`
 
 Scoring reads the last `<answer>` block with the safe parser of `rlino.verify.countdown`:
 `correct_reward` when right, `format_reward` when a block is present but wrong, 0 without a block.
+Reasoning steps (`step_ends`, for Monte-Carlo step credit) are the equations of the thinking.
 """
 
 from __future__ import annotations
 
 import random
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +24,7 @@ from typing import Any
 
 from rlino.errors import UserError
 from rlino.tasks import register_task
-from rlino.tasks.base import Example, Score, Task
+from rlino.tasks.base import Example, Score, Task, line_ends, tidy_step_ends
 from rlino.tasks.records import (
     DATA_SUFFIXES,
     Record,
@@ -34,6 +36,8 @@ from rlino.tasks.records import (
 from rlino.verify.countdown import check_equation, extract_answer_block
 
 MIN_NUMBERS, MAX_NUMBERS = 2, 6
+_EQUATION_END = re.compile(r"=\s*-?\d+(?:\.\d+)?(?:[ \t]*[,.;])?")
+"""An equation's result, `= 12`, with a `,` `.` or `;` right after it: where a step ends."""
 _PRECEDENCE = {"+": 1, "-": 1, "*": 2, "/": 2}
 _ATOM = 3
 
@@ -225,6 +229,22 @@ class CountdownTask(Task):
         correct = check_equation(block, example["numbers"], example["target"])
         reward = self.correct_reward if correct else self.format_reward
         return Score(correct=correct, reward=reward, extracted=block, format_ok=True)
+
+    def step_ends(self, completion: str) -> list[int]:
+        """One step per equation of the thinking, the answer block last.
+
+        A step ends after each equation's result (`= 12`, with a `,` `.` or `;` right after it: the
+        tiny base writes `3 + 5 = 8, 8 * 2 = 16.` on one line) and at each line end (a model that
+        writes one equation per line, or words between them); `</think>` ends one too (the
+        decision to stop searching). Nothing inside `<answer>...` splits: the answer is one step.
+        """
+        answer = completion.find("<answer>")
+        head = completion if answer < 0 else completion[:answer]
+        ends = [m.end() for m in _EQUATION_END.finditer(head)] + line_ends(head)
+        close = head.find("</think>")
+        if close >= 0:
+            ends.append(close + len("</think>"))
+        return tidy_step_ends(completion, ends)
 
     def example_from_record(self, record: Record) -> Example:
         """An example from a record with `numbers` (or TinyZero's `nums`) and `target`."""

@@ -8,6 +8,7 @@ Nothing is read until `examples()` is called, so scoring (e.g. `rlino grade`) ne
 The verifier is `rlino.verify.gsm8k`: extraction rules and number normalisation are listed there.
 Option `extraction`: `flexible` (default; falls back to "the answer is" and the last number) or
 `strict` (only an `<answer>` block, `\\boxed{}` or `####` counts, as the paper's verifier).
+Reasoning steps (`step_ends`, for Monte-Carlo step credit) are the lines of the solution.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from typing import Any
 
 from rlino.errors import UserError
 from rlino.tasks import register_task
-from rlino.tasks.base import Example, Score, Task
+from rlino.tasks.base import Example, Score, Task, line_ends, tidy_step_ends
 from rlino.tasks.records import (
     DATA_SUFFIXES,
     Record,
@@ -90,6 +91,17 @@ class GSM8KTask(Task):
         reward = (1.0 if correct else 0.0) + (self.format_bonus if found.format_ok else 0.0)
         extracted = format_number(found.value) if found.value is not None else found.text
         return Score(correct=correct, reward=reward, extracted=extracted, format_ok=found.format_ok)
+
+    def step_ends(self, completion: str) -> list[int]:
+        """One step per line of the solution; the final answer's line and anything after it
+        (e.g. the `Question:` where the plain template stops) are one last step.
+
+        The answer line starts at the first `####` or `<answer>`: once it is written the outcome
+        is settled, and a value estimate past it would cost samples and say nothing.
+        """
+        marks = [i for i in (completion.find("####"), completion.find("<answer>")) if i >= 0]
+        answer = min(marks, default=len(completion))
+        return tidy_step_ends(completion, [e for e in line_ends(completion) if e <= answer])
 
     def example_from_record(self, record: Record) -> Example:
         """An example from a graded record: needs `answer` (`... #### N` or a bare number)."""
