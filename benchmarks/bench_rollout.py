@@ -58,6 +58,7 @@ def run_ours(policy: Policy, prompts: list[list[int]], new_tokens: int, seed: in
 def run_hf(policy: Policy, prompts: list[list[int]], new_tokens: int, seed: int) -> int:
     tok = policy.tokenizer
     batch = tok.pad({"input_ids": prompts}, return_tensors="pt", padding_side="left")
+    batch = {k: v.to(policy.device) for k, v in batch.items()}
     gen_config = copy.deepcopy(policy.model.generation_config)
     # Full length, as rlino with ignore_eos: None would fall back to the model's EOS, so use an id
     # the model never produces.

@@ -345,36 +345,10 @@ def worker_device(args: argparse.Namespace, shape: Shape, result: dict[str, Any]
     )
 
 
-def hf_tokens(policy: Any, prompts: list[list[int]], new_tokens: int, seed: int) -> int:
-    """HF `generate`, sampling at temperature 1, EOS ignored; returns the tokens produced."""
-    import copy
-
-    import torch
-
-    tok = policy.tokenizer
-    batch = tok.pad({"input_ids": prompts}, return_tensors="pt", padding_side="left")
-    batch = {k: v.to(policy.device) for k, v in batch.items()}
-    gen_config = copy.deepcopy(policy.model.generation_config)
-    # every row to full length, as rlino with ignore_eos: an EOS id the model cannot produce
-    gen_config.eos_token_id = [policy.model.config.vocab_size]
-    gen_config.update(
-        do_sample=True,
-        temperature=1.0,
-        top_p=1.0,
-        top_k=0,
-        max_new_tokens=new_tokens,
-        pad_token_id=tok.pad_token_id,
-    )
-    torch.manual_seed(seed)
-    with torch.inference_mode():
-        out = policy.model.generate(**batch, generation_config=gen_config)
-    return int(out[:, batch["input_ids"].shape[1] :].numel())
-
-
 def worker_rollout(args: argparse.Namespace, shape: Shape, result: dict[str, Any]) -> None:
     """Tokens/s of the built-in sampler vs HF generate, back to back, per batch size."""
     import torch
-    from bench_rollout import prompts_for, run_ours
+    from bench_rollout import prompts_for, run_hf, run_ours
     from transformers import AutoModelForCausalLM
 
     from rlino.policy import Policy
@@ -385,7 +359,7 @@ def worker_rollout(args: argparse.Namespace, shape: Shape, result: dict[str, Any
     model = model.to(device).eval()
     policy = Policy(model, tiny_tokenizer(), device, torch.bfloat16, str(args.model_dir))
     new_tokens = shape.rollout_new_tokens
-    sides: dict[str, Callable[..., int]] = {"rlino": run_ours, "hf": hf_tokens}
+    sides: dict[str, Callable[..., int]] = {"rlino": run_ours, "hf": run_hf}
     result.update(dtype="bf16", new_tokens=new_tokens, batches=[])
     write_result(args.result, result)
     for batch in shape.rollout_batches:
