@@ -19,11 +19,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_rollout import hf_greedy
 from test_train import tiny_config
 
-from rlino.policy import Policy, load_policy, token_logprobs_and_entropy
+from rlino.policy import load_policy, token_logprobs_and_entropy
 from rlino.resolve import tiny_model_dir
-from rlino.rollout import SamplingConfig, eos_ids, generate
+from rlino.rollout import SamplingConfig, generate
 from rlino.setup import build, make_optimizer
 from rlino.step import step
 from rlino.tasks import encode_prompts, get_task
@@ -37,29 +38,6 @@ REPO = Path(__file__).resolve().parents[1]
 NEAR_TIE = 0.25
 """fp32 logit gap below which bf16 rounding may pick either of two tokens (tiny-countdown's
 logits are O(10); a bf16 step there is 0.06, and four layers add a few such steps)"""
-
-
-def hf_greedy(policy: Policy, prompts: list[list[int]], max_new: int) -> list[list[int]]:
-    """HF generate, greedy, left-padded, completions cut after the first EOS id (HF pads after it)."""
-    tok = policy.tokenizer
-    batch = tok.pad({"input_ids": prompts}, return_tensors="pt", padding_side="left")
-    batch = {k: v.to(policy.device) for k, v in batch.items()}
-    with torch.no_grad():
-        out = policy.model.generate(
-            **batch,
-            do_sample=False,
-            max_new_tokens=max_new,
-            pad_token_id=tok.pad_token_id,
-            temperature=None,
-            top_p=None,
-            top_k=None,
-        )
-    ends = set(eos_ids(policy))
-    rows = []
-    for row in out[:, batch["input_ids"].shape[1] :].tolist():
-        cut = next((i + 1 for i, t in enumerate(row) if t in ends), len(row))
-        rows.append(row[:cut])
-    return rows
 
 
 def logit_gap(model: torch.nn.Module, prefix: list[int], a: int, b: int) -> float:

@@ -9,7 +9,7 @@ import torch
 
 from rlino.errors import UserError
 from rlino.policy import Policy, load_policy, token_logprobs
-from rlino.rollout import Rollouts, SamplingConfig, cut_after_stop, generate
+from rlino.rollout import Rollouts, SamplingConfig, cut_after_stop, eos_ids, generate
 
 PROMPTS = ["12+7=", "(3*4)-5 is", "a", "what is 9*9? answer:"]
 
@@ -24,9 +24,12 @@ def encode(policy: Policy, texts: list[str]) -> list[list[int]]:
 
 
 def hf_greedy(policy: Policy, prompt_ids: list[list[int]], max_new: int) -> list[list[int]]:
-    """Reference: HF generate, greedy, left-padded batch, completion up to and including EOS."""
+    """Reference: HF generate, greedy, left-padded batch, completion up to and including the
+    first EOS id (tokenizer's or generation config's; HF pads after it). Also used on CUDA by
+    tests/test_gpu_check.py."""
     tok = policy.tokenizer
     batch = tok.pad({"input_ids": prompt_ids}, return_tensors="pt", padding_side="left")
+    batch = {k: v.to(policy.device) for k, v in batch.items()}
     with torch.no_grad():
         out = policy.model.generate(
             **batch,
@@ -37,11 +40,11 @@ def hf_greedy(policy: Policy, prompt_ids: list[list[int]], max_new: int) -> list
             top_p=None,
             top_k=None,
         )
+    ends = set(eos_ids(policy))
     rows = []
     for row in out[:, batch["input_ids"].shape[1] :].tolist():
-        if tok.eos_token_id in row:
-            row = row[: row.index(tok.eos_token_id) + 1]
-        rows.append(row)
+        cut = next((i + 1 for i, t in enumerate(row) if t in ends), len(row))
+        rows.append(row[:cut])
     return rows
 
 
