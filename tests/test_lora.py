@@ -14,10 +14,10 @@ from typing import Any
 import pytest
 import torch
 from safetensors.torch import load_file
+from test_train import tiny_config
 from toy_tasks import letter_task
 
 import rlino.train
-from rlino.config import load_config
 from rlino.errors import UserError
 from rlino.lora import ADAPTER_DIR, ADAPTER_FILE, AdaptersOff, LoraPolicy
 from rlino.policy import load_policy, token_logprobs
@@ -37,20 +37,14 @@ LORA = {"r": 4, "alpha": 8}
 def lora_config(model_dir: Path, **extra: Any) -> Any:
     """A 4-iteration GRPO run with a KL term and rank-4 adapters on every linear layer."""
     overrides: dict[str, Any] = {
-        "model": {"path": str(model_dir), "lora": dict(LORA)},
+        "model": {"lora": dict(LORA)},
         "task": {"name": "lora-contains-a"},
-        "method": {"name": "grpo", "beta": 0.04},
-        "rollout": {"prompts_per_iter": 4, "samples_per_prompt": 4, "max_new_tokens": 12},
-        "optim": {"lr": 1e-2, "minibatch_size": 8, "micro_batch_size": 4},
-        "eval": {"every": 2, "num_examples": 4},
-        "iterations": 4,
+        "method": {"beta": 0.04},
         "checkpoint_every": 0,
-        "samples_every": 2,
-        "tensorboard": False,
     }
     for key, value in extra.items():
         overrides[key] = {**overrides.get(key, {}), **value} if isinstance(value, dict) else value
-    return load_config(None, overrides)
+    return tiny_config(model_dir, "grpo", **overrides)  # test_train's run, with these changes
 
 
 def train_keeping_setup(
