@@ -50,9 +50,11 @@ def aggregate(
 
 
 def normaliser_count(minibatch_mask: Tensor, mode: str) -> float:
-    """What a minibatch's loss is divided by: its token count for token-mean, else its samples."""
+    """What a minibatch's loss is divided by: its token count for token-mean, else its samples.
+
+    Counts add up over data-parallel ranks; `micro_batch_share` keeps a token count of 0 at 1."""
     if mode == "token-mean":
-        return max(float(minibatch_mask.sum()), 1.0)
+        return float(minibatch_mask.sum())
     return float(minibatch_mask.shape[0])
 
 

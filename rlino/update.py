@@ -369,7 +369,8 @@ def update(
             optimizer.zero_grad(set_to_none=False)
             kept = mb[keep[mb]]
             active = kept if needs_kl else kept[has_weight[kept]]
-            count = world.sum_floats({"n": _raw_count(batch.mask[kept], params.aggregation)})["n"]
+            local = {"n": normaliser_count(batch.mask[kept], params.aggregation)}
+            count = world.sum_floats(local)["n"]  # the whole minibatch's, over every rank
             totals = accumulate_gradients(
                 model,
                 batch,
@@ -382,7 +383,7 @@ def update(
                 old_logp=old_logp,
                 ref_logp=ref_logp,
                 backward=backward,
-                normaliser=_normaliser(count, params.aggregation),
+                normaliser=count,
                 world=world,
             )
             if not world.sharded:  # FSDP2 reduced them in accumulate_gradients' last pass
@@ -435,16 +436,6 @@ def _local_minibatches(
     for start in range(0, total, size):
         lo, hi = max(start - offset, 0), min(start + size - offset, n)
         yield torch.arange(lo, max(lo, hi), device=device)
-
-
-def _raw_count(mask: torch.Tensor, aggregation: str) -> float:
-    """This rank's part of a minibatch's normaliser: its tokens (token-mean) or samples."""
-    return float(mask.sum()) if aggregation == "token-mean" else float(mask.shape[0])
-
-
-def _normaliser(count: float, aggregation: str) -> float:
-    """The minibatch normaliser from its summed count (at least 1 token for token-mean)."""
-    return max(count, 1.0) if aggregation == "token-mean" else count
 
 
 def equivalence_metrics(
