@@ -165,6 +165,7 @@ class _ModelStep:
     def __init__(self, model: torch.nn.Module, cache: SlabCache, attn: torch.Tensor) -> None:
         self.model, self.cache, self.attn = model, cache, attn  # attn: (N, Lp + T) bool
         self.ready_made = _fast_mask_ok(model)
+        self.cache_keyword = cache_keyword(model)  # once, not per decode step
 
     def __call__(self, tokens: torch.Tensor, positions: torch.Tensor, length: int) -> torch.Tensor:
         """Feed (b,) tokens at (b,) positions, the cache filled up to `length` after; (b, V) logits."""
@@ -173,7 +174,7 @@ class _ModelStep:
             input_ids=tokens[:, None],
             attention_mask=attn[:, None, None, :] if self.ready_made else attn.long(),
             position_ids=positions[:, None],
-            **{cache_keyword(self.model): self.cache},
+            **{self.cache_keyword: self.cache},
             use_cache=True,
         )
         return out.logits[:, -1]  # (b, V)
