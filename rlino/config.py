@@ -149,7 +149,14 @@ class OptimConfig:
     micro_batch_size: int = 64
     """Max samples per forward/backward pass (gradient accumulation inside a minibatch)."""
     micro_batch_tokens: int = 8192
-    """Max padded tokens (rows x width) per forward/backward pass, the memory knob; 0 = no cap."""
+    """Max tokens per forward/backward pass, the memory knob; 0 = no cap. Padded (rows x width)
+    with packing none; real tokens (a shared prompt once) with pack or prefix."""
+    packing: str = "none"
+    """How a micro-batch is laid out (same log-probs and gradient, less compute; rlino.packing):
+    none: rows padded to the longest prompt and completion; pack: the rows' real tokens back to
+    back in a few packed sequences, attention kept within each row (any attention implementation);
+    prefix: as pack, and the samples of one prompt share a single copy of it (sdpa or eager
+    attention, full-attention models only)."""
     gradient_checkpointing: bool = False
     """Recompute each layer's activations in the backward pass: less memory, about 1/3 more compute."""
     max_nonfinite_steps: int = 3
@@ -247,6 +254,10 @@ class TrainConfig:
             (o.minibatch_size >= 1, "optim.minibatch_size must be >= 1"),
             (o.micro_batch_size >= 1, "optim.micro_batch_size must be >= 1"),
             (o.micro_batch_tokens >= 0, "optim.micro_batch_tokens must be >= 0 (0 = no cap)"),
+            (
+                o.packing in ("none", "pack", "prefix"),
+                f"optim.packing must be none, pack or prefix (got {_show(o.packing)})",
+            ),
             (o.max_nonfinite_steps >= 1, "optim.max_nonfinite_steps must be >= 1"),
             (e.every >= 0, "eval.every must be >= 0"),
             (e.num_examples >= 1, "eval.num_examples must be >= 1"),

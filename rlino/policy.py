@@ -273,24 +273,18 @@ def save_policy(
     policy.tokenizer.save_pretrained(out_dir)
 
 
-def _completion_hidden(
-    model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor, start: int
-) -> torch.Tensor:
-    """Final hidden states at positions [start - 1, L - 1), the ones that predict the completion."""
+def decoder_hidden(model: PreTrainedModel, inputs: dict[str, object]) -> torch.Tensor:
+    """The decoder's last hidden states (B, L, D) for the model inputs `inputs`, without logits.
+
+    FSDP2 gathers the root's own weights (embeddings, final norm, head) in the root's forward
+    only, so for a sharded root the whole model runs (one logit row) and the decoder's output is
+    taken on the way; the root keeps those weights gathered until its backward, so the caller's
+    head sees whole weights.
+    """
     from rlino.fsdp import is_sharded
 
-    positions = (attention_mask.long().cumsum(dim=1) - 1).clamp(min=0)  # (B, L) as in generation
-    inputs = {
-        "input_ids": input_ids,
-        "attention_mask": attention_mask.long(),
-        "position_ids": positions,
-        "use_cache": False,
-    }
     if not is_sharded(model):
-        return model.base_model(**inputs).last_hidden_state[:, start - 1 : -1]  # (B, Lc, D)
-    # FSDP2 gathers the root's own weights (embeddings, final norm, head) in the root's forward
-    # only: run it (one logit row) and take the decoder's output on the way; the root keeps them
-    # gathered until its backward, so the caller's head sees whole weights.
+        return model.base_model(**inputs).last_hidden_state
     captured: list[torch.Tensor] = []
     hook = model.base_model.register_forward_hook(
         lambda _module, _args, out: captured.append(out.last_hidden_state)
@@ -299,7 +293,21 @@ def _completion_hidden(
         model(**inputs, logits_to_keep=1)
     finally:
         hook.remove()
-    return captured[0][:, start - 1 : -1]
+    return captured[0]
+
+
+def _completion_hidden(
+    model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor, start: int
+) -> torch.Tensor:
+    """Final hidden states at positions [start - 1, L - 1), the ones that predict the completion."""
+    positions = (attention_mask.long().cumsum(dim=1) - 1).clamp(min=0)  # (B, L) as in generation
+    inputs = {
+        "input_ids": input_ids,
+        "attention_mask": attention_mask.long(),
+        "position_ids": positions,
+        "use_cache": False,
+    }
+    return decoder_hidden(model, inputs)[:, start - 1 : -1]  # (B, Lc, D)
 
 
 def _chunk_stats(
@@ -326,6 +334,54 @@ def _chunk_stats(
     return logp, lse - (probs * logits).sum(dim=-1)
 
 
+def head_stats(
+    model: PreTrainedModel,
+    hidden: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    chunk_size: int = DEFAULT_CHUNK,
+    temperature: float = 1.0,
+    with_entropy: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log pi(target | context), entropy of pi) at temperature T from (M, D) hidden states.
+
+    Two (M,) tensors; the entropy is zeros unless `with_entropy`. A plain linear head without
+    entropy goes through the fused selective log-softmax (`rlino.logprobs`); otherwise logits
+    exist only for `chunk_size` rows at a time, and with grad enabled each chunk is
+    checkpointed, so the backward pass recomputes its logits rather than keeping (M, V) alive.
+    """
+    import torch
+    from torch.utils.checkpoint import checkpoint
+
+    head = model.get_output_embeddings()
+    softcap = getattr(model.config.get_text_config(), "final_logit_softcapping", None)
+    plain_head = isinstance(head, torch.nn.Linear) and head.bias is None
+    if not with_entropy and plain_head and not softcap:
+        from rlino.logprobs import selective_log_softmax
+
+        # logits / T = (hidden / T) @ W.T: the temperature goes in before the fused head
+        scaled = hidden if temperature == 1.0 else hidden / temperature
+        logp = selective_log_softmax(scaled, head.weight, targets)  # (M,)
+        return logp, torch.zeros_like(logp)
+    logps, ents = [], []
+    for i in range(0, hidden.shape[0], chunk_size):
+        args = (
+            hidden[i : i + chunk_size],
+            targets[i : i + chunk_size],
+            head,
+            temperature,
+            softcap,
+            with_entropy,
+        )
+        if torch.is_grad_enabled() and hidden.requires_grad:
+            logp, ent = checkpoint(_chunk_stats, *args, use_reentrant=False)
+        else:
+            logp, ent = _chunk_stats(*args)
+        logps.append(logp)
+        ents.append(ent)
+    return torch.cat(logps), torch.cat(ents)
+
+
 def token_logprobs_and_entropy(
     model: PreTrainedModel,
     input_ids: torch.Tensor,
@@ -340,47 +396,23 @@ def token_logprobs_and_entropy(
 
     input_ids/attention_mask are (B, L) with prompts left-padded so every completion starts at
     column `completion_start`; returns two (B, L - completion_start) tensors. Logits exist only for
-    `chunk_size` completion tokens at a time; with grad enabled each chunk is checkpointed, so the
-    backward pass recomputes its logits rather than keeping (B, L, V) alive. Differentiable.
+    `chunk_size` completion tokens at a time (`head_stats`). Differentiable.
     """
-    import torch
-    from torch.utils.checkpoint import checkpoint
-
     if not 1 <= completion_start < input_ids.shape[1]:
         raise ValueError(
             f"completion_start must be in [1, {input_ids.shape[1]}), got {completion_start}"
         )
     hidden = _completion_hidden(model, input_ids, attention_mask, completion_start)
     batch, width, dim = hidden.shape
-    flat_hidden = hidden.reshape(batch * width, dim)  # (B*Lc, D)
-    targets = input_ids[:, completion_start:].reshape(-1)  # (B*Lc,)
-    head = model.get_output_embeddings()
-    softcap = getattr(model.config.get_text_config(), "final_logit_softcapping", None)
-    plain_head = isinstance(head, torch.nn.Linear) and head.bias is None
-    if not with_entropy and plain_head and not softcap:
-        from rlino.logprobs import selective_log_softmax
-
-        # logits / T = (hidden / T) @ W.T: the temperature goes in before the fused head
-        scaled = flat_hidden if temperature == 1.0 else flat_hidden / temperature
-        logp = selective_log_softmax(scaled, head.weight, targets)  # (B*Lc,)
-        return logp.view(batch, width), torch.zeros(batch, width, device=logp.device)
-    logps, ents = [], []
-    for i in range(0, flat_hidden.shape[0], chunk_size):
-        args = (
-            flat_hidden[i : i + chunk_size],
-            targets[i : i + chunk_size],
-            head,
-            temperature,
-            softcap,
-            with_entropy,
-        )
-        if torch.is_grad_enabled() and flat_hidden.requires_grad:
-            logp, ent = checkpoint(_chunk_stats, *args, use_reentrant=False)
-        else:
-            logp, ent = _chunk_stats(*args)
-        logps.append(logp)
-        ents.append(ent)
-    return torch.cat(logps).view(batch, width), torch.cat(ents).view(batch, width)
+    logp, ent = head_stats(
+        model,
+        hidden.reshape(batch * width, dim),
+        input_ids[:, completion_start:].reshape(-1),
+        chunk_size=chunk_size,
+        temperature=temperature,
+        with_entropy=with_entropy,
+    )
+    return logp.view(batch, width), ent.view(batch, width)
 
 
 def token_logprobs(

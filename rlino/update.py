@@ -20,6 +20,7 @@ from rlino import fsdp
 from rlino.errors import UserError
 from rlino.losses import micro_batch_share, normaliser_count, policy_loss
 from rlino.methods import Method, MethodParams
+from rlino.packing import packed_logprobs, packed_slices
 from rlino.policy import token_logprobs_and_entropy
 
 if TYPE_CHECKING:
@@ -62,22 +63,30 @@ class TokenBatch:
 
 @dataclass(frozen=True)
 class MicroBatching:
-    """How rows are cut into forward/backward passes: a row cap and a padded-token cap (0 = none)."""
+    """How rows are cut into forward/backward passes (a row cap and a token cap, 0 = none) and
+    laid out in each: padded, or packed without padding (`rlino.packing`)."""
 
     max_rows: int
     max_tokens: int = 0
+    packing: str = "none"
+    """none (padded rows), pack or prefix (`rlino.packing`; the token cap counts real tokens)"""
 
 
 def micro_slices(
     batch: TokenBatch, rows: torch.Tensor, cut: MicroBatching
 ) -> Iterator[torch.Tensor]:
-    """Consecutive slices of `rows` of at most `max_rows` rows whose padded size fits `max_tokens`.
+    """Consecutive slices of `rows` of at most `max_rows` rows whose size fits `max_tokens`.
 
-    A slice's padded size is what `batch_logprobs` runs: rows x (longest prompt + longest
-    completion among them). A single row always forms a slice, however long. Why a token budget:
-    activation memory grows with tokens, not samples; with 128-token completions a 135M model
-    keeps about 1.7 MB per token (fp32), so 32 samples at once need ~9 GB.
+    A slice's size is what `batch_logprobs` runs: padded, rows x (longest prompt + longest
+    completion among them); packed, the real tokens (`packed_slices`). A single row always forms
+    a slice, however long. Why a token budget: activation memory grows with tokens, not samples;
+    with 128-token completions a 135M model keeps about 1.7 MB per token (fp32), so 32 samples
+    at once need ~9 GB.
     """
+    if cut.packing != "none":
+        share = cut.packing == "prefix"
+        yield from packed_slices(batch, rows, cut.max_rows, cut.max_tokens, share)
+        return
     prompt_lens = batch.attn[rows, : batch.start].sum(dim=1).tolist()
     completion_lens = batch.attn[rows, batch.start :].sum(dim=1).tolist()
     first, prompt_max, completion_max = 0, 0, 0
@@ -96,8 +105,15 @@ def micro_slices(
         yield rows[first:]
 
 
-def batch_logprobs(model: torch.nn.Module, batch: TokenBatch, rows: torch.Tensor) -> torch.Tensor:
-    """Completion log-probs of `rows`, (n, width), with the padding columns all rows share cut off."""
+def batch_logprobs(
+    model: torch.nn.Module, batch: TokenBatch, rows: torch.Tensor, packing: str = "none"
+) -> torch.Tensor:
+    """Completion log-probs of `rows`, (n, width), with the padding columns all rows share cut off.
+
+    `packing` pack or prefix scores the same rows laid out without padding (`rlino.packing`).
+    """
+    if packing != "none":
+        return packed_logprobs(model, batch, rows, packing)
     ids, attn, start = batch.ids, batch.attn, batch.start
     left = int(attn[rows, :start].any(dim=0).long().argmax())  # first prompt column in use
     right = start + int(attn[rows, start:].sum(dim=1).max())  # last completion column in use
@@ -118,7 +134,7 @@ def frozen_logprobs(model: torch.nn.Module, batch: TokenBatch, cut: MicroBatchin
     all_rows = torch.arange(len(batch), device=batch.mask.device)
     with torch.no_grad():
         for rows in micro_slices(batch, all_rows, cut):
-            logp = batch_logprobs(model, batch, rows)
+            logp = batch_logprobs(model, batch, rows, cut.packing)
             out[rows, : logp.shape[1]] = logp.float()
     return out
 
@@ -172,7 +188,7 @@ def accumulate_gradients(
             fsdp.idle_pass(model)
             continue
         micro = next(real)
-        logp = batch_logprobs(model, batch, micro)
+        logp = batch_logprobs(model, batch, micro, cut.packing)
         width = logp.shape[1]
         mask = batch.mask[micro, :width]
         w = weights[micro] if weights.dim() == 1 else weights[micro, :width]
@@ -340,7 +356,7 @@ def update(
     sizes = setup.world.all_gather(n)  # rows per rank; the whole batch is their sum
     offset, total = sum(sizes[: setup.world.rank]), sum(sizes)
     needs_old = clipped and (params.mu > 1 or cfg.optim.minibatch_size < total)
-    cut = MicroBatching(cfg.optim.micro_batch_size, cfg.optim.micro_batch_tokens)
+    cut = MicroBatching(cfg.optim.micro_batch_size, cfg.optim.micro_batch_tokens, cfg.optim.packing)
 
     model.eval()
     with fsdp.gathered(model):
