@@ -26,6 +26,37 @@ TEXT_PROMPTS = [
 ]
 
 
+GSM8K_TEMPLATE = "chat"
+"""bench_step's case gsm8k renders its prompts with rlino's chat template (SmolLM2 is an instruct
+model): the tokenizer's chat template around the question and an answer-in-tags instruction"""
+
+
+def gsm8k_task() -> Any:
+    """rlino's GSM8K task on the copy rlino ships (never $RLINO_GSM8K): prompts and verifier."""
+    from rlino.tasks import get_task
+    from rlino.tasks.gsm8k import SHIPPED_DIR
+
+    return get_task("gsm8k", path=str(SHIPPED_DIR))
+
+
+def gsm8k_examples(count: int) -> list[dict[str, Any]]:
+    """The first `count` problems of GSM8K's test split, in file order."""
+    examples = gsm8k_task().examples("test")[:count]
+    if len(examples) < count:
+        sys.exit(f"benchmarks: GSM8K's test split has only {len(examples)} problems")
+    return examples
+
+
+def gsm8k_prompts(tokenizer: Any, examples: list[dict[str, Any]]) -> list[str]:
+    """The prompt text of each example as rlino renders it (gsm8k task, `GSM8K_TEMPLATE`).
+
+    Both sides of bench_step's case gsm8k get these very strings: rlino through its task's own
+    `prompt` (the same call), TRL as the dataset's plain-text `prompt` column.
+    """
+    task = gsm8k_task()
+    return [task.prompt(example, GSM8K_TEMPLATE, tokenizer) for example in examples]
+
+
 def parity_reward(text: str) -> float:
     """1.0 or 0.0, a pseudo-random but deterministic bit of the completion text."""
     return float(zlib.crc32(text.encode("utf-8")) % 2)

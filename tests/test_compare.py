@@ -95,6 +95,24 @@ def test_summarize_rows() -> None:
     assert (s.train_length_wrong_first, s.train_length_wrong_last) == (41.0, 44.0)
     assert s.wall_s == pytest.approx(6.0) and s.tokens_sampled == 400
     assert s.iterations == 4
+    assert s.weight_sum_mean is None  # not logged by these rows
+
+
+def test_weights_section_averages_over_iterations_then_seeds(tmp_path: Path) -> None:
+    for seed, shift in enumerate([0.0, 0.2]):
+        rows = _rows(0.1, 0.3, 40.0)
+        for row in rows[1:]:  # iterations 1..4: weight sums -1, -0.5, 0, 0.5 (+ shift)
+            row["train/weight_sum_mean"] = -1.5 + 0.5 * row["iteration"] + shift
+            row["train/accuracy"] = 0.1 * row["iteration"]
+        _write_run(tmp_path, f"fisft+-/seed{seed}", rows)
+    _write_run(tmp_path, "grpo/seed0", _rows(0.1, 0.3, 40.0))  # no weight metrics: no row
+    summary = write_report(tmp_path)
+    entry = summary["methods"]["fisft+-"]
+    assert entry["weight_sum_mean"]["mean"] == pytest.approx(-0.15)  # (-0.25 + -0.05) / 2
+    assert entry["train_accuracy_mean"]["mean"] == pytest.approx(0.25)
+    report = (tmp_path / "report.md").read_text()
+    assert "| fisft+- | -0.150 ± 0.141" in report
+    assert "| grpo | " not in report.split("## Weights")[1].split("##")[0]
 
 
 def test_curves_mean_and_std_over_seeds() -> None:

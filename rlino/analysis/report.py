@@ -66,6 +66,11 @@ class RunSummary:
     accuracy_auc: float | None = None
     """area under the eval accuracy curve over the iterations evaluated, divided by their span:
     the mean accuracy along training (trapezoids between evaluations)"""
+    weight_sum_mean: float | None = None
+    """mean over training iterations of `train/weight_sum_mean` (a group's weights summed: GRPO
+    0; how far a weighting pushes a group's likelihood down or up overall)"""
+    train_accuracy_mean: float | None = None
+    """mean over training iterations of `train/accuracy`, the rollout samples' success rate"""
 
 
 def _last(rows: list[dict[str, Any]], key: str) -> float | None:
@@ -115,6 +120,8 @@ def summarize_rows(rows: list[dict[str, Any]], label: str, seed: int, finished: 
         accuracy_auc=normalised_area(
             [(float(r["iteration"]), float(r["eval/accuracy"])) for r in eval_rows]
         ),
+        weight_sum_mean=_mean_of(train_rows, "train/weight_sum_mean"),
+        train_accuracy_mean=_mean_of(train_rows, "train/accuracy"),
     )
 
 
@@ -197,6 +204,8 @@ SUMMARY_FIELDS = (
     "equiv_cosine_offpolicy",
     "equiv_clip_frac",
     "accuracy_auc",
+    "weight_sum_mean",
+    "train_accuracy_mean",
 )
 
 
@@ -320,6 +329,25 @@ def render_markdown(
             f"| {label} | {e['finished']}/{len(e['seeds'])} | {_mean(e['wall_s'], 0)} "
             f"| {_mean(e['tokens_sampled'], 0)} |"
         )
+    weighed = [label for label, e in table.items() if e["weight_sum_mean"] is not None]
+    if weighed:
+        lines += [
+            "",
+            "## Weights (mean over training iterations, then mean ± std over seeds)",
+            "",
+            "Group weight sum: the sum of a group's per-sample weights (GRPO's are 0; below 0 the "
+            "update lowers the group's likelihood overall). Success rate: the fraction of "
+            "rollout samples that are correct.",
+            "",
+            "| method | group weight sum | success rate of the samples (%) |",
+            "|---|---|---|",
+        ]
+        for label in weighed:
+            e = table[label]
+            lines.append(
+                f"| {label} | {_fmt(e['weight_sum_mean'], 3)} "
+                f"| {_fmt(e['train_accuracy_mean'], 1, 100)} |"
+            )
     tracked = [label for label, e in table.items() if e["equiv_cosine_onpolicy"] is not None]
     if tracked:
         lines += [
