@@ -58,3 +58,13 @@ $(BENCH_STAMP): pyproject.toml benchmarks/requirements.txt
 
 .PHONY: bench-env
 bench-env: $(BENCH_STAMP)
+
+# Issue 15's comparison in one command: vine, GRPO and F-ISFT+- for 20 iterations, then GRPO and
+# F-ISFT+- at vine's token budget (260 iterations), then accuracy against tokens sampled
+# (runs/vine-cmp/budget.png and budget.json). Both grids resume; about 70 minutes on 2 cores.
+.PHONY: vine-compare
+vine-compare: $(STAMP)
+	$(VENV)/bin/rlino compare configs/compare-vine.yaml --out runs/vine-cmp
+	$(VENV)/bin/rlino compare configs/compare-vine.yaml --methods grpo,fisft+- --iterations 260 \
+		--set eval.every=26 --out runs/vine-cmp-budget
+	$(PY) -m rlino.analysis.budget runs/vine-cmp runs/vine-cmp-budget --out runs/vine-cmp
