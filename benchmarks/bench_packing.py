@@ -22,8 +22,7 @@ from typing import Any
 import torch
 
 from rlino.methods import MethodParams, resolve
-from rlino.packing import build_layout, sequence_span
-from rlino.update import MicroBatching, TokenBatch, accumulate_gradients, micro_slices
+from rlino.update import MicroBatching, TokenBatch, accumulate_gradients, tokens_computed
 
 MODES = ("none", "pack", "prefix")
 TINY = Path(__file__).resolve().parent.parent / "rlino" / "assets" / "tiny-countdown"
@@ -51,18 +50,10 @@ def ragged_batch(
 
 
 def tokens_run(model: torch.nn.Module, batch: TokenBatch, cut: MicroBatching) -> dict[str, int]:
-    """Tokens the layout puts through the model (padding or filler included) and micro-batches."""
-    rows = torch.arange(len(batch))
-    total, micros = 0, 0
-    for s in micro_slices(batch, rows, cut):
-        micros += 1
-        if cut.packing == "none":
-            prompt = int(batch.attn[s, : batch.start].sum(1).max())
-            total += len(s) * (prompt + int(batch.attn[s, batch.start :].sum(1).max()))
-        else:
-            layout = build_layout(batch, s, cut.packing == "prefix", sequence_span(model))
-            total += layout.source.numel()
-    return {"tokens_run": total, "micro_batches": micros}
+    """Tokens the layout puts through the model (padding or filler included) and micro-batches,
+    as `rlino.update.tokens_computed` counts them over every row."""
+    run, micros = tokens_computed(model, batch, torch.arange(len(batch)), cut)
+    return {"tokens_run": run, "micro_batches": micros}
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

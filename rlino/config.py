@@ -89,6 +89,10 @@ class ModelConfig:
     """Trained weights and optimizer state: fp32 (mixed precision under a bf16/fp16 dtype) or same."""
     device: str = "auto"
     """auto (cuda when available), cpu or cuda."""
+    attention: str = "auto"
+    """Attention implementation of the policy and reference: auto (the model's own default,
+    usually sdpa), sdpa or eager (transformers' `attn_implementation`; on CPU eager can be the
+    faster for short training rows, `benchmarks/bench_update.py` measures it)."""
     lora: LoraConfig | None = None
     """LoRA adapters to train instead of every weight; None = full fine-tuning."""
 
@@ -219,6 +223,9 @@ class TrainConfig:
     """Append a few completions to samples.jsonl every N iterations (0 = never)."""
     threads: int = 0
     """torch CPU threads (0 = leave torch's default)."""
+    keep_freed_memory: bool = True
+    """Keep freed host memory in the process for reuse instead of returning it to the OS (glibc
+    only; saves re-faulting the update's large temporaries every micro-batch; rlino.allocator)."""
     tensorboard: bool = True
     """Also write metrics as TensorBoard events to RUN_DIR/tb."""
 
@@ -254,6 +261,10 @@ class TrainConfig:
             (o.minibatch_size >= 1, "optim.minibatch_size must be >= 1"),
             (o.micro_batch_size >= 1, "optim.micro_batch_size must be >= 1"),
             (o.micro_batch_tokens >= 0, "optim.micro_batch_tokens must be >= 0 (0 = no cap)"),
+            (
+                self.model.attention in ("auto", "sdpa", "eager"),
+                f"model.attention must be auto, sdpa or eager (got {_show(self.model.attention)})",
+            ),
             (
                 o.packing in ("none", "pack", "prefix"),
                 f"optim.packing must be none, pack or prefix (got {_show(o.packing)})",

@@ -22,6 +22,11 @@ CHUNK = 128
 """Rows per chunk: 128 x 49k fp32 logits is 25 MB, small enough for the allocator to reuse."""
 WEIGHT_GRAD_ROWS = 512
 """Rows per weight-gradient matmul in the backward (their d logp / d logits: 512 x 49k x 4 B = 100 MB)."""
+LOW_PRECISION_WEIGHT_GRAD_ROWS = 2048
+"""In bf16/fp16, up to this many rows make one weight-gradient product, rounded once into the
+weight's dtype: no fp32 (V, D) accumulator to zero-fill, add into and cast back every micro-batch.
+Below about 2,800 rows (SmolLM2: D = 576) this also holds less memory than 512-row blocks plus
+that accumulator and its casts (2048 x 49k x 2 B = 200 MB)."""
 
 
 class _SelectiveLogSoftmax(torch.autograd.Function):
@@ -59,18 +64,21 @@ class _SelectiveLogSoftmax(torch.autograd.Function):
             else None
         )
         n, low = hidden.shape[0], weight.element_size() < 4  # bf16/fp16 matmuls
+        wants_weight = ctx.needs_input_grad[1]
+        # d logp / d logits of a block of rows, kept (in the matmul dtype) until the block's weight
+        # gradient is one matmul: per-chunk products would each write a whole (V, D) tensor.
+        rows = LOW_PRECISION_WEIGHT_GRAD_ROWS if low else WEIGHT_GRAD_ROWS
+        block_rows = min(n, max(chunk, rows)) if wants_weight else chunk
+        one_product = low and block_rows == n  # the weight gradient is a single bf16 matmul
         grad_weight = (
             torch.zeros(
                 weight.shape,
                 dtype=torch.promote_types(weight.dtype, torch.float32),
                 device=weight.device,
             )
-            if ctx.needs_input_grad[1]
+            if wants_weight and not one_product
             else None
         )
-        # d logp / d logits of a block of rows, kept (in the matmul dtype) until the block's weight
-        # gradient is one matmul: per-chunk products would each write a whole (V, D) tensor.
-        block_rows = min(n, max(chunk, WEIGHT_GRAD_ROWS)) if grad_weight is not None else chunk
         dlogits = torch.empty(
             (min(n, block_rows), weight.shape[0]), dtype=weight.dtype, device=weight.device
         )
@@ -87,7 +95,9 @@ class _SelectiveLogSoftmax(torch.autograd.Function):
                     grad_hidden[i:j] = (dlogits[i - block : j - block] @ weight).to(
                         ctx.hidden_dtype
                     )  # (c, D)
-            if grad_weight is not None:
+            if one_product:  # the only block: rounded once, as the fp32 sum below would be
+                grad_weight = dlogits[:n].T @ hidden
+            elif grad_weight is not None:
                 d, h = dlogits[: stop - block], hidden[block:stop]
                 if low:
                     grad_weight += d.T @ h  # (V, D), summed in fp32

@@ -61,8 +61,12 @@ SPAN = 2
 
 @dataclass
 class RowShapes:
-    """What the layouts need of each row of a micro-batch."""
+    """What the layouts need of each row of a micro-batch, all on the CPU."""
 
+    rows: torch.Tensor
+    """(n,) the rows' indices into the batch"""
+    prompt_mask: torch.Tensor
+    """(n, start) bool, which prompt columns of each row are real tokens"""
     prompts: list[tuple[int, ...]]
     """each row's prompt tokens without padding (rows with equal tuples share a prompt)"""
     completion_lens: list[int]
@@ -70,12 +74,19 @@ class RowShapes:
 
 
 def row_shapes(batch: TokenBatch, rows: torch.Tensor) -> RowShapes:
-    """Prompt tokens and completion lengths of `rows` (one copy to the CPU)."""
-    ids = batch.ids[rows].cpu()
-    attn = batch.attn[rows].bool().cpu()
-    start = batch.start
-    prompts = [tuple(ids[i, :start][attn[i, :start]].tolist()) for i in range(len(rows))]
-    return RowShapes(prompts, attn[:, start:].sum(dim=1).tolist())
+    """Indices, prompt tokens and masks of `rows`, in one device-to-host copy.
+
+    Everything the layouts read of the rows travels as one tensor: a copy off an accelerator
+    waits for the work queued before it, so a micro-batch should pay for one, not one per field.
+    """
+    start, index = batch.start, rows.to(batch.ids.device, torch.long)
+    host = torch.cat(
+        [index[:, None], batch.ids[index, :start].long(), batch.attn[index].long()], dim=1
+    ).cpu()
+    ids, attn = host[:, 1 : start + 1], host[:, start + 1 :].bool()
+    prompt_mask = attn[:, :start]
+    prompts = [tuple(ids[i][prompt_mask[i]].tolist()) for i in range(len(host))]
+    return RowShapes(host[:, 0], prompt_mask, prompts, attn[:, start:].sum(dim=1).tolist())
 
 
 def _group_keys(shapes: RowShapes, share_prompts: bool) -> list[object]:
@@ -135,27 +146,21 @@ class Unit:
 
 
 def build_units(
-    batch: TokenBatch,
-    rows: torch.Tensor,
-    shapes: RowShapes,
-    share_prompts: bool,
-    capacity: int | None,
+    batch: TokenBatch, shapes: RowShapes, share_prompts: bool, capacity: int | None
 ) -> list[Unit]:
     """The micro-batch's units: each row alone, or each prompt with the rows that share it.
 
     A group whose prompt and completions come to more than `capacity` tokens (None = no limit)
     is cut into several units, each with its own prompt copy and at least one completion.
     """
-    attn = batch.attn[rows].bool().cpu()
-    row_ids = rows.cpu()
-    length, start = batch.ids.shape[1], batch.start
+    length = batch.ids.shape[1]
     members: dict[object, list[int]] = {}
     for i, key in enumerate(_group_keys(shapes, share_prompts)):
         members.setdefault(key, []).append(i)
     units = []
     for rows_of_group in members.values():
         first = rows_of_group[0]
-        prompt = row_ids[first] * length + attn[first, :start].nonzero().squeeze(1)
+        prompt = shapes.rows[first] * length + shapes.prompt_mask[first].nonzero().squeeze(1)
         if len(prompt) == 0:
             raise ValueError("a row with an empty prompt has no context for its first token")
         unit = Unit(prompt, [], len(prompt))
@@ -231,13 +236,13 @@ def build_layout(
     completion_lens = shapes.completion_lens
     widest = max(map(len, shapes.prompts)) + max(completion_lens)
     capacity = None if span is None else span * widest
-    bins = fill_bins(build_units(batch, rows, shapes, share_prompts, capacity), capacity)
+    bins = fill_bins(build_units(batch, shapes, share_prompts, capacity), capacity)
     seq_len = max(sum(u.length for u in units) for units in bins)
     start = batch.start
     source, positions, group, branch = [], [], [], []
     token_at, predictor_at, out_row, out_col = [], [], [], []
     unit_id = 0
-    row_ids = rows.cpu()
+    row_ids = shapes.rows
     for b, units in enumerate(bins):
         offset = b * seq_len  # flat index of this sequence's first token
         for unit in units:
@@ -336,6 +341,13 @@ def check_model(model: torch.nn.Module, mode: str) -> None:
         )
 
 
+def model_layout(
+    model: torch.nn.Module, batch: TokenBatch, rows: torch.Tensor, mode: str
+) -> Layout:
+    """The layout `packed_logprobs` runs `rows` through `model` in (`mode` pack or prefix)."""
+    return build_layout(batch, rows, mode == "prefix", sequence_span(model))
+
+
 def packed_logprobs(
     model: torch.nn.Module, batch: TokenBatch, rows: torch.Tensor, mode: str
 ) -> torch.Tensor:
@@ -346,7 +358,7 @@ def packed_logprobs(
     """
     check_model(model, mode)
     device = batch.ids.device
-    layout = build_layout(batch, rows, mode == "prefix", sequence_span(model))
+    layout = model_layout(model, batch, rows, mode)
     source = layout.source.to(device)
     ids = batch.ids.reshape(-1)[source.clamp(min=0)]  # (B, S); filler reads any real token
     inputs: dict[str, object] = {

@@ -62,6 +62,27 @@ def resolve_precision(compute: torch.dtype, master_dtype: str) -> Precision:
     return Precision(compute=compute, master=master)
 
 
+ADD_SLICE = 1 << 20
+"""Elements per slice when adding a low-precision gradient into an fp32 one (4 MB of fp32)."""
+
+
+def add_in_slices(dst: torch.Tensor, src: torch.Tensor, size: int = ADD_SLICE) -> None:
+    """`dst += src` for tensors of different dtypes, a slice at a time.
+
+    On CPU a mixed-dtype in-place add first casts all of `src` into a temporary of `dst`'s dtype:
+    for SmolLM2's [49152, 576] embedding that is a fresh 113 MB buffer per micro-batch, faulted
+    in page by page. Slices keep the cast temporary small and in cache (2.3-3x faster for that
+    tensor, measured with one thread on a loaded 2-core machine); the sum is the same, element
+    by element. Tensors of one dtype, or not contiguous, take the plain add.
+    """
+    if dst.dtype == src.dtype or not (dst.is_contiguous() and src.is_contiguous()):
+        dst.add_(src)
+        return
+    flat_dst, flat_src = dst.view(-1), src.view(-1)
+    for i in range(0, flat_dst.numel(), size):
+        flat_dst[i : i + size].add_(flat_src[i : i + size])
+
+
 class ComputeCopy:
     """A copy of a policy with its parameters in a lower dtype, which does the arithmetic.
 
@@ -91,7 +112,7 @@ class ComputeCopy:
             if param.grad is None:
                 param.grad = cast.grad.to(param.dtype)
             else:
-                param.grad.add_(cast.grad)
+                add_in_slices(param.grad, cast.grad)
             cast.grad = None
 
     @torch.no_grad()

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from rlino import fsdp, lora
+from rlino.allocator import keep_freed_memory
 from rlino.config import TrainConfig
 from rlino.distributed import World
 from rlino.errors import UserError
@@ -89,6 +90,8 @@ def build(config: TrainConfig, weights: Path | None = None, world: World | None 
     weights and then takes rank 0's, so the replicas start identical.
     """
     world = world or World()
+    if config.keep_freed_memory:
+        keep_freed_memory()
     if world.size > config.rollout.prompts_per_iter:
         raise UserError(
             f"{world.size} ranks need rollout.prompts_per_iter >= {world.size} "
@@ -113,6 +116,8 @@ def build(config: TrainConfig, weights: Path | None = None, world: World | None 
         policy = load_policy(
             source[0], gguf_file=source[1], device=config.model.device, dtype=master_dtype
         )
+    if config.model.attention != "auto":  # before the compute copy, which copies the choice
+        policy.model.set_attn_implementation(config.model.attention)
     if world.sharded:
         fsdp.check_supported(
             lora=config.model.lora is not None,
@@ -137,6 +142,8 @@ def build(config: TrainConfig, weights: Path | None = None, world: World | None 
             dtype=config.model.dtype,
         )
         reference.model.eval().requires_grad_(False)
+        if config.model.attention != "auto":
+            reference.model.set_attn_implementation(config.model.attention)
     train_examples = task.examples("train")
     eval_examples = task.examples("test")[: config.eval.num_examples]
     if not train_examples:

@@ -20,7 +20,7 @@ from rlino import fsdp
 from rlino.errors import UserError
 from rlino.losses import micro_batch_share, normaliser_count, policy_loss
 from rlino.methods import Method, MethodParams
-from rlino.packing import packed_logprobs, packed_slices
+from rlino.packing import model_layout, packed_logprobs, packed_slices
 from rlino.policy import token_logprobs_and_entropy
 
 if TYPE_CHECKING:
@@ -87,8 +87,10 @@ def micro_slices(
         share = cut.packing == "prefix"
         yield from packed_slices(batch, rows, cut.max_rows, cut.max_tokens, share)
         return
-    prompt_lens = batch.attn[rows, : batch.start].sum(dim=1).tolist()
-    completion_lens = batch.attn[rows, batch.start :].sum(dim=1).tolist()
+    prompt, completion = batch.attn[rows, : batch.start], batch.attn[rows, batch.start :]
+    prompt_lens, completion_lens = torch.stack(
+        [prompt.sum(dim=1).long(), completion.sum(dim=1).long()]
+    ).tolist()  # one copy to the CPU
     first, prompt_max, completion_max = 0, 0, 0
     for i, (prompt_len, completion_len) in enumerate(
         zip(prompt_lens, completion_lens, strict=True)
@@ -105,6 +107,43 @@ def micro_slices(
         yield rows[first:]
 
 
+def padded_columns(batch: TokenBatch, rows: torch.Tensor) -> tuple[int, int]:
+    """The columns [left, right) of `batch` the padded layout runs `rows` in: from the first
+    prompt column any of them uses to the end of their longest completion (one copy to the CPU).
+
+    With left-padded prompts and right-padded completions that is the longest prompt plus the
+    longest completion, the width `micro_slices` budgets for.
+    """
+    attn, start = batch.attn, batch.start
+    left = attn[rows, :start].any(dim=0).long().argmax()  # first prompt column in use
+    right = start + attn[rows, start:].sum(dim=1).max().long()  # last completion column in use
+    left_col, right_col = torch.stack([left, right]).tolist()
+    return left_col, right_col
+
+
+def tokens_computed(
+    model: torch.nn.Module, batch: TokenBatch, rows: torch.Tensor, cut: MicroBatching
+) -> tuple[int, int]:
+    """Tokens the update puts through `model` for `rows`, padding and filler included, and the
+    number of micro-batches it runs them in.
+
+    Cut by `micro_slices` and laid out as `batch_logprobs` lays each slice out: padded, rows x the
+    columns `padded_columns` keeps; pack or prefix, every position of the packed sequences
+    (`rlino.packing.model_layout`, the filler that ends each one counted, a shared prompt once).
+    The benchmarks compare this with the real tokens to show what a layout costs; taking it from
+    the very functions the update calls keeps their count equal to the work done.
+    """
+    total = micros = 0
+    for micro in micro_slices(batch, rows, cut):
+        micros += 1
+        if cut.packing == "none":
+            left, right = padded_columns(batch, micro)
+            total += len(micro) * (right - left)
+        else:
+            total += model_layout(model, batch, micro, cut.packing).source.numel()
+    return total, micros
+
+
 def batch_logprobs(
     model: torch.nn.Module, batch: TokenBatch, rows: torch.Tensor, packing: str = "none"
 ) -> torch.Tensor:
@@ -114,18 +153,16 @@ def batch_logprobs(
     """
     if packing != "none":
         return packed_logprobs(model, batch, rows, packing)
-    ids, attn, start = batch.ids, batch.attn, batch.start
-    left = int(attn[rows, :start].any(dim=0).long().argmax())  # first prompt column in use
-    right = start + int(attn[rows, start:].sum(dim=1).max())  # last completion column in use
+    left, right = padded_columns(batch, rows)
     logp, _ = token_logprobs_and_entropy(
         model,
-        ids[rows, left:right],
-        attn[rows, left:right],
-        start - left,
+        batch.ids[rows, left:right],
+        batch.attn[rows, left:right],
+        batch.start - left,
         temperature=batch.temperature,
         with_entropy=False,
     )
-    return logp  # (n, right - start)
+    return logp  # (n, right - batch.start)
 
 
 def frozen_logprobs(model: torch.nn.Module, batch: TokenBatch, cut: MicroBatching) -> torch.Tensor:

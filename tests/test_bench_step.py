@@ -1,6 +1,6 @@
-"""benchmarks/bench_step.py, trl_step.py and bench_util.py: their pure helpers (FLOP and
-utilisation arithmetic on hand-computed numbers, the TRL half's bookkeeping), the weight shapes of
-a small real model, and real smoke runs of the rlino half (no TRL needed)."""
+"""benchmarks/bench_step.py, rlino_step.py, trl_step.py and bench_util.py: their pure helpers
+(FLOP and utilisation arithmetic on hand-computed numbers, the TRL half's bookkeeping), the weight
+shapes of a small real model, and real smoke runs of the rlino half (no TRL needed)."""
 
 from __future__ import annotations
 
@@ -37,15 +37,21 @@ def util(bench: ModuleType) -> ModuleType:
 
 
 @pytest.fixture(scope="module")
+def rlino_half(bench: ModuleType) -> ModuleType:
+    """benchmarks/rlino_step.py, the rlino child's code."""
+    return importlib.import_module("rlino_step")
+
+
+@pytest.fixture(scope="module")
 def trl_half(bench: ModuleType) -> ModuleType:
     """benchmarks/trl_step.py; its helpers need no trl (that is imported inside run_trl)."""
     return importlib.import_module("trl_step")
 
 
-def test_parity_reward_is_a_deterministic_bit(bench: ModuleType) -> None:
+def test_parity_reward_is_a_deterministic_bit(rlino_half: ModuleType) -> None:
     texts = [f"completion number {i}" for i in range(200)]
-    rewards = [bench.parity_reward(t) for t in texts]
-    assert rewards == [bench.parity_reward(t) for t in texts]
+    rewards = [rlino_half.parity_reward(t) for t in texts]
+    assert rewards == [rlino_half.parity_reward(t) for t in texts]
     assert set(rewards) == {0.0, 1.0}
     assert 0.3 < sum(rewards) / len(rewards) < 0.7  # mixed, so groups are rarely filtered
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from rlino.logprobs import selective_log_softmax
+from rlino.logprobs import LOW_PRECISION_WEIGHT_GRAD_ROWS, selective_log_softmax
 
 
 @pytest.mark.parametrize("chunk", [1, 7, 64, 1000])
@@ -60,14 +60,17 @@ def test_many_rows_take_several_weight_gradient_blocks() -> None:
     torch.testing.assert_close(fused[1], weight.grad, rtol=0, atol=1e-5)
 
 
-def test_under_bf16_autocast_the_matmuls_run_in_bf16() -> None:
+@pytest.mark.parametrize("rows", [200, LOW_PRECISION_WEIGHT_GRAD_ROWS + 100])
+def test_under_bf16_autocast_the_matmuls_run_in_bf16(rows: int) -> None:
     """Values and gradients match an exact computation on the bf16-rounded inputs (not the fp32
-    ones: the matmuls do run in bf16), and the gradients come back in the inputs' fp32."""
+    ones: the matmuls do run in bf16), and the gradients come back in the inputs' fp32; both with
+    the weight gradient as one bf16 product (200 rows) and summed in fp32 over blocks (more rows
+    than one product takes)."""
     torch.manual_seed(2)
-    hidden = torch.randn(200, 64, requires_grad=True)
+    hidden = torch.randn(rows, 64, requires_grad=True)
     weight = (0.1 * torch.randn(500, 64)).requires_grad_()
-    targets = torch.randint(0, 500, (200,))
-    upstream = torch.randn(200)
+    targets = torch.randint(0, 500, (rows,))
+    upstream = torch.randn(rows)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         fused = selective_log_softmax(hidden, weight, targets, chunk=64)
     (fused * upstream).sum().backward()

@@ -40,6 +40,7 @@ from rlino.update import (
     flat_grad,
     frozen_logprobs,
     micro_slices,
+    tokens_computed,
 )
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -131,11 +132,11 @@ def test_units_and_bins() -> None:
     batch = make_batch([PROMPT_A] * 4, [4, 3, 2, 5])
     rows = torch.arange(4)
     shapes = row_shapes(batch, rows)
-    units = build_units(batch, rows, shapes, share_prompts=True, capacity=10)
+    units = build_units(batch, shapes, share_prompts=True, capacity=10)
     assert [(u.rows, u.length) for u in units] == [([0, 1], 10), ([2, 3], 10)]
     assert all(torch.equal(u.prompt, units[0].prompt) for u in units)
-    assert len(build_units(batch, rows, shapes, share_prompts=True, capacity=None)) == 1
-    tiny = build_units(batch, rows, shapes, share_prompts=True, capacity=1)  # one row each
+    assert len(build_units(batch, shapes, share_prompts=True, capacity=None)) == 1
+    tiny = build_units(batch, shapes, share_prompts=True, capacity=1)  # one row each
     assert [u.rows for u in tiny] == [[0], [1], [2], [3]]
     lengths = [5, 3, 3, 2, 7]
     bins = fill_bins([Unit(torch.arange(1), [], n) for n in lengths], 8)
@@ -164,6 +165,47 @@ def test_micro_slices_count_the_tokens_that_run() -> None:
     assert [len(p) for p in micro_slices(batch, rows, one)] == [1] * 5
     uncapped = MicroBatching(10, 0, "pack")
     assert [len(p) for p in micro_slices(batch, rows, uncapped)] == [5]
+
+
+def test_tokens_computed_by_hand() -> None:
+    """Rows A+5, A+2, A+6, B+1, B+3 (prompts of 3 and 4 tokens) under a 16-token cap, cut as in
+    the test above. Padded: 2 x (3 + 5) + 1 x (3 + 6) + 2 x (4 + 3) = 39. Pack, sequences of at
+    most 2 padded widths: [0 1] 8 + 5 = 13 in one sequence (<= 2 x 8); [2 3] 9 + 5 = 14 (<= 2 x
+    10); [4] 7: 34. Prefix: [0 1 2] A once, 3 + 5 + 2 + 6 = 16 (<= 2 x 9); [3 4] B once, 4 + 1
+    + 3 = 8: 24."""
+    from transformers import LlamaConfig
+
+    config = LlamaConfig()
+    config._attn_implementation = "sdpa"
+    model = SimpleNamespace(config=config)
+    batch = make_batch([PROMPT_A] * 3 + [PROMPT_B] * 2, [5, 2, 6, 1, 3])
+    rows = torch.arange(5)
+
+    def tokens(
+        packing: str, max_rows: int = 10, max_tokens: int = 16, some: torch.Tensor = rows
+    ) -> tuple[int, int]:
+        return tokens_computed(model, batch, some, MicroBatching(max_rows, max_tokens, packing))
+
+    assert tokens("none") == (39, 3)
+    assert tokens("pack") == (34, 3)
+    assert tokens("prefix") == (24, 2)
+    # a row per slice: its own prompt and completion, whatever the layout
+    assert tokens("none", 1) == tokens("pack", 1) == tokens("prefix", 1) == (34, 5)
+    # rows 0-2 in one slice, sequences of at most 2 x (3 + 6) = 18 tokens, first fit from the
+    # longest: [A+6 | A+5] and [A+2 | 12 filler], 2 x 17; padded 3 x 9
+    assert tokens("pack", max_tokens=0, some=rows[:3]) == (34, 1)
+    assert tokens("none", max_tokens=0, some=rows[:3]) == (27, 1)
+    # one unit (A once) of 3 + 5 + 2 + 6 = 16 fits
+    assert tokens("prefix", max_tokens=0, some=rows[:3]) == (16, 1)
+    assert tokens("none", some=rows[:0]) == tokens("pack", some=rows[:0]) == (0, 0)
+
+
+def test_tokens_computed_in_one_sequence(monkeypatch: pytest.MonkeyPatch) -> None:
+    """As for flash attention: each micro-batch is one sequence, its rows back to back."""
+    one_sequence(monkeypatch)
+    batch = make_batch([PROMPT_A] * 3, [5, 2, 6])
+    cut = MicroBatching(10, 0, "pack")
+    assert tokens_computed(SimpleNamespace(), batch, torch.arange(3), cut) == (8 + 5 + 9, 1)
 
 
 # ---- log-probs and gradients ------------------------------------------------------------------

@@ -15,7 +15,7 @@ from test_train import tiny_config
 
 from rlino.methods import weigh
 from rlino.policy import load_policy
-from rlino.precision import ComputeCopy, resolve_precision
+from rlino.precision import ComputeCopy, add_in_slices, resolve_precision
 from rlino.setup import Setup, build
 from rlino.step import rollout
 from rlino.update import TokenBatch, update
@@ -51,6 +51,22 @@ def test_compute_copy_casts_keeps_ties_and_moves_gradients(tiny_random_model_dir
         copy.accumulate_grads()
         assert cast.grad is None
         assert master.grad.dtype == torch.float32 and bool((master.grad == 0.25 * step).all())
+
+
+@pytest.mark.parametrize("size", [7, 64, 1000])
+def test_add_in_slices_equals_the_plain_mixed_dtype_add(size: int) -> None:
+    """Slices that do and do not divide the tensor (10 x 13) and one larger than it: the same
+    fp32 sum as one mixed-dtype add, bit for bit."""
+    gen = torch.Generator().manual_seed(0)
+    dst = torch.randn(10, 13, generator=gen)
+    src = torch.randn(10, 13, generator=gen).bfloat16()
+    expected = dst.clone().add_(src)
+    add_in_slices(dst, src, size=size)
+    assert dst.dtype == torch.float32 and torch.equal(dst, expected)
+    strided = torch.randn(13, 10, generator=gen).T  # not contiguous: the plain add
+    expected = strided.clone().add_(src)
+    add_in_slices(strided, src, size=size)
+    assert torch.equal(strided, expected)
 
 
 def _setup_and_batch(model_dir: Path, **model: object) -> tuple[Setup, TokenBatch, torch.Tensor]:
