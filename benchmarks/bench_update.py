@@ -239,10 +239,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             name: {
                 "source": source,
                 "applied": applied[name],
-                "median_update_s": round(statistics.median(times[name]), 3),
+                "median_update_s": round(statistics.median(times[name]), 4),
                 "ratio": round(statistics.median(times[name]) / first, 3),
                 "peak_rss_gb": round(rss[name], 3),
-                "update_s": [round(t, 3) for t in times[name]],
+                "update_s": [round(t, 4) for t in times[name]],
             }
             for name, source, overrides in variants
         },

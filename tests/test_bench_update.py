@@ -25,9 +25,8 @@ def test_two_variants_alternate_and_report_what_they_ran() -> None:
     assert padded["ratio"] == 1.0
     for v in (padded, packed):
         assert len(v["update_s"]) == 2 and min(v["update_s"]) > 0 and v["peak_rss_gb"] > 0
-    assert packed["ratio"] == pytest.approx(
-        packed["median_update_s"] / padded["median_update_s"], abs=2e-3
-    )
+    ratio = packed["median_update_s"] / padded["median_update_s"]  # both rounded to 0.1 ms
+    assert packed["ratio"] == pytest.approx(ratio, rel=0.02)
 
 
 @pytest.mark.parametrize(
