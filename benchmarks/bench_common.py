@@ -108,3 +108,28 @@ def tiny49k_model() -> tuple[Any, Any]:
 def log(message: str) -> None:
     """A progress line on stderr (stdout carries the results)."""
     print(message, file=sys.stderr, flush=True)
+
+
+def ragged_batch(
+    prompts: int, samples: int, vocab: int, prompt_lens: tuple[int, int], lens: tuple[int, int]
+) -> Any:
+    """P x G rows, prompts left-padded and completions right-padded as rollouts lay them out;
+    lengths uniform in the given [low, high] ranges (seeded)."""
+    import torch
+
+    from rlino.update import TokenBatch
+
+    gen = torch.Generator().manual_seed(0)
+    p_lens = torch.randint(prompt_lens[0], prompt_lens[1] + 1, (prompts,), generator=gen).tolist()
+    c_lens = torch.randint(lens[0], lens[1] + 1, (prompts * samples,), generator=gen).tolist()
+    start, width = max(p_lens), max(c_lens)
+    ids = torch.zeros((prompts * samples, start + width), dtype=torch.long)
+    attn = torch.zeros(ids.shape, dtype=torch.bool)
+    for p, p_len in enumerate(p_lens):
+        prompt = torch.randint(3, vocab, (p_len,), generator=gen)
+        for g in range(samples):
+            r, c_len = p * samples + g, c_lens[p * samples + g]
+            ids[r, start - p_len : start] = prompt
+            ids[r, start : start + c_len] = torch.randint(3, vocab, (c_len,), generator=gen)
+            attn[r, start - p_len : start + c_len] = True
+    return TokenBatch(ids, attn, attn[:, start:].clone(), start)

@@ -20,33 +20,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from bench_common import ragged_batch
 
 from rlino.methods import MethodParams, resolve
 from rlino.update import MicroBatching, TokenBatch, accumulate_gradients, tokens_computed
 
 MODES = ("none", "pack", "prefix")
 TINY = Path(__file__).resolve().parent.parent / "rlino" / "assets" / "tiny-countdown"
-
-
-def ragged_batch(
-    prompts: int, samples: int, vocab: int, prompt_lens: tuple[int, int], lens: tuple[int, int]
-) -> TokenBatch:
-    """P x G rows, prompts left-padded and completions right-padded as rollouts lay them out;
-    lengths uniform in the given [low, high] ranges (seeded)."""
-    gen = torch.Generator().manual_seed(0)
-    p_lens = torch.randint(prompt_lens[0], prompt_lens[1] + 1, (prompts,), generator=gen).tolist()
-    c_lens = torch.randint(lens[0], lens[1] + 1, (prompts * samples,), generator=gen).tolist()
-    start, width = max(p_lens), max(c_lens)
-    ids = torch.zeros((prompts * samples, start + width), dtype=torch.long)
-    attn = torch.zeros(ids.shape, dtype=torch.bool)
-    for p, p_len in enumerate(p_lens):
-        prompt = torch.randint(3, vocab, (p_len,), generator=gen)
-        for g in range(samples):
-            r, c_len = p * samples + g, c_lens[p * samples + g]
-            ids[r, start - p_len : start] = prompt
-            ids[r, start : start + c_len] = torch.randint(3, vocab, (c_len,), generator=gen)
-            attn[r, start - p_len : start + c_len] = True
-    return TokenBatch(ids, attn, attn[:, start:].clone(), start)
 
 
 def tokens_run(model: torch.nn.Module, batch: TokenBatch, cut: MicroBatching) -> dict[str, int]:

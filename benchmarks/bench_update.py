@@ -34,7 +34,7 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from bench_common import GGUF_NAME, log, smollm2_dir  # noqa: E402
+from bench_common import GGUF_NAME, log, ragged_batch, smollm2_dir  # noqa: E402
 
 
 def parse_variant(text: str) -> tuple[str, str | None, dict[str, Any]]:
@@ -79,7 +79,6 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
     import time
 
     import torch
-    from bench_packing import ragged_batch
 
     from rlino.config import deep_merge, load_config
     from rlino.run_metrics import peak_rss_gb
