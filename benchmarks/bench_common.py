@@ -133,3 +133,19 @@ def ragged_batch(
             ids[r, start : start + c_len] = torch.randint(3, vocab, (c_len,), generator=gen)
             attn[r, start - p_len : start + c_len] = True
     return TokenBatch(ids, attn, attn[:, start:].clone(), start)
+
+
+def run_json_child(cmd: list[str], env: dict[str, str], result: Path, failure: str) -> Any:
+    """Run a worker process whose stdout goes to our stderr and whose JSON result it writes to
+    `result`; return that result, and delete the file either way. Exits with `failure` and the
+    return code if the worker failed."""
+    import json
+    import subprocess
+
+    try:
+        proc = subprocess.run(cmd, env=env, stdout=sys.stderr, check=False)
+        if proc.returncode != 0:
+            sys.exit(f"{failure} ({proc.returncode})")
+        return json.loads(result.read_text())
+    finally:
+        result.unlink(missing_ok=True)

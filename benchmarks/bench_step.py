@@ -70,7 +70,6 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -78,7 +77,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from bench_common import GGUF_NAME, log, set_threads, smollm2_dir, tiny49k_model
+from bench_common import GGUF_NAME, log, run_json_child, set_threads, smollm2_dir, tiny49k_model
 
 from rlino.run_metrics import peak_rss_gb  # as rlino logs it: VmHWM
 
@@ -191,13 +190,9 @@ def child(
         *(extra or []),
     ]
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "TOKENIZERS_PARALLELISM": "false"}
-    try:
-        proc = subprocess.run(cmd, env=env, stdout=sys.stderr, check=False)
-        if proc.returncode != 0:
-            sys.exit(f"bench_step: the {role} run of case {case.name} failed ({proc.returncode})")
-        return json.loads(result_path.read_text())
-    finally:
-        result_path.unlink(missing_ok=True)
+    return run_json_child(
+        cmd, env, result_path, f"bench_step: the {role} run of case {case.name} failed"
+    )
 
 
 def worker_flags(args: argparse.Namespace) -> list[str]:

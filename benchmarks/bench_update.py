@@ -25,7 +25,6 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -34,7 +33,7 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from bench_common import GGUF_NAME, log, ragged_batch, smollm2_dir  # noqa: E402
+from bench_common import GGUF_NAME, log, ragged_batch, run_json_child, smollm2_dir  # noqa: E402
 
 
 def parse_variant(text: str) -> tuple[str, str | None, dict[str, Any]]:
@@ -160,13 +159,7 @@ def run_variant(
         "--lens",
         *map(str, args.lens),
     ]
-    try:
-        proc = subprocess.run(cmd, env=env, stdout=sys.stderr, check=False)
-        if proc.returncode != 0:
-            sys.exit(f"bench_update: a run failed ({proc.returncode}): {' '.join(cmd)}")
-        return json.loads(result.read_text())
-    finally:
-        result.unlink(missing_ok=True)
+    return run_json_child(cmd, env, result, f"bench_update: a run failed: {' '.join(cmd)}")
 
 
 def shared_flags(args: argparse.Namespace) -> dict[str, Any]:

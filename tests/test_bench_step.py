@@ -5,7 +5,6 @@ shapes of a small real model, and real smoke runs of the rlino half (no TRL need
 from __future__ import annotations
 
 import importlib
-import importlib.util
 import json
 import subprocess
 import sys
@@ -13,21 +12,15 @@ from pathlib import Path
 from types import ModuleType
 
 import pytest
+from bench_modules import load_benchmark
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_step.py"
 
 
 @pytest.fixture(scope="module")
 def bench() -> ModuleType:
-    """The benchmark script as a module (benchmarks/ is not a package)."""
-    if str(SCRIPT.parent) not in sys.path:
-        sys.path.insert(0, str(SCRIPT.parent))  # as when run as a script: bench_common beside it
-    spec = importlib.util.spec_from_file_location("bench_step", SCRIPT)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["bench_step"] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
+    """The benchmark script as a module."""
+    return load_benchmark("bench_step")
 
 
 @pytest.fixture(scope="module")
