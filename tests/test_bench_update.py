@@ -2,14 +2,10 @@
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
+from bench_modules import load_benchmark
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
-
-import bench_update
+bench_update = load_benchmark("bench_update")
 
 SMALL = ["--model", "tiny", "--dtype", "fp32", "--threads", "1", "--prompts", "2", "--samples", "2",
          "--prompt-lens", "4", "8", "--lens", "3", "9", "--repeats", "2", "--rounds", "1"]  # fmt: skip
