@@ -22,6 +22,7 @@ import yaml
 
 from rlino.errors import UserError
 from rlino.methods import MethodParams
+from rlino.optimizers import OPTIMIZERS, lean_unavailable_reason
 from rlino.resolve import looks_like_hub_id, path_exists
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
@@ -138,6 +139,10 @@ class RolloutConfig:
 class OptimConfig:
     """Optimiser and update schedule."""
 
+    optimizer: str = "adamw"
+    """adamw: torch's AdamW (fp32 moments, 8 bytes per parameter); adamw8bit: torchao's 8-bit
+    AdamW, moments in 8 bits with a scale per block of 256 (about 2 bytes per parameter), the
+    memory-lean mode; needs `pip install torchao` and a C++ compiler (rlino.optimizers)."""
     lr: float = 2e-4
     """AdamW learning rate."""
     weight_decay: float = 0.0
@@ -250,6 +255,14 @@ class TrainConfig:
                 "analysis.equivalence_every must be >= 0 (0 = never)",
             ),
             (self.dist.strategy in ("ddp", "fsdp"), "dist.strategy must be ddp or fsdp"),
+            (
+                o.optimizer in OPTIMIZERS,
+                f"optim.optimizer must be one of {', '.join(OPTIMIZERS)} (got {_show(o.optimizer)})",
+            ),
+            (
+                not (o.optimizer == "adamw8bit" and self.dist.strategy == "fsdp"),
+                "optim.optimizer adamw8bit does not work with dist.strategy fsdp (use ddp)",
+            ),
             (o.lr > 0, f"optim.lr must be > 0 (got {o.lr})"),
             (o.weight_decay >= 0, "optim.weight_decay must be >= 0"),
             (
@@ -298,6 +311,8 @@ class TrainConfig:
         for ok, message in checks:
             if not ok:
                 raise UserError(message)
+        if o.optimizer == "adamw8bit" and (reason := lean_unavailable_reason()) is not None:
+            raise UserError(reason)
         if self.model.lora is not None:
             self.model.lora.validate(backend=r.backend)
         path = self.model.path

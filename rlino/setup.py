@@ -1,7 +1,7 @@
 """Build everything a training run needs from its config: policy, reference, task, data, optimiser.
 
 `build(config)` loads once what the loop then uses every iteration; `make_optimizer` and
-`make_scheduler` give the AdamW optimiser and the per-iteration learning-rate schedule. Nothing
+`make_scheduler` give the optimiser (rlino.optimizers) and the per-iteration learning-rate schedule. Nothing
 here samples or updates; that is `rlino.step`.
 """
 
@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from rlino import fsdp, lora
+from rlino import fsdp, lora, optimizers
 from rlino.allocator import keep_freed_memory
 from rlino.config import TrainConfig
 from rlino.distributed import World
@@ -169,11 +169,11 @@ def build(config: TrainConfig, weights: Path | None = None, world: World | None 
     )
 
 
-def make_optimizer(setup: Setup) -> torch.optim.AdamW:
-    """AdamW over the policy's trainable parameters (the master weights)."""
+def make_optimizer(setup: Setup) -> torch.optim.Optimizer:
+    """`optim.optimizer` (AdamW, or 8-bit AdamW) over the policy's trainable (master) weights."""
     o = setup.config.optim
     params = [p for p in setup.policy.model.parameters() if p.requires_grad]
-    return torch.optim.AdamW(params, lr=o.lr, weight_decay=o.weight_decay)
+    return optimizers.make_optimizer(o.optimizer, params, o.lr, o.weight_decay)
 
 
 def make_scheduler(

@@ -349,7 +349,7 @@ def step(setup: Setup, iteration: int, optimizer: torch.optim.Optimizer) -> Step
     if trainable is not None:  # masked samples carry no weight
         keep = trainable.to(weights.dtype)  # (N,)
         weights = weights * (keep[:, None] if setup.method.per_token else keep.view(weights.shape))
-    lr = optimizer.param_groups[0]["lr"]
+    lr = float(optimizer.param_groups[0]["lr"])  # a tensor in torchao's optimisers
     batch = TokenBatch.from_rollouts(scored.rollouts, setup.policy.device, cfg.rollout.temperature)
     every = cfg.analysis.equivalence_every
     stats = update(
