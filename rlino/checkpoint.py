@@ -19,6 +19,7 @@ import errno
 import hashlib
 import json
 import os
+import pickle
 import re
 import shutil
 import sys
@@ -29,6 +30,7 @@ from typing import Any
 import torch
 from safetensors import SafetensorError
 
+from rlino import optimizers
 from rlino.errors import UserError
 
 PREFIX = "iter_"
@@ -206,7 +208,16 @@ def load_state(
     `weights_only=True`: a checkpoint from elsewhere cannot run code when loaded. `shard` maps the
     whole-tensor optimiser state to a sharded optimiser's (rlino.fsdp).
     """
-    state = torch.load(path / "optimizer.pt", weights_only=True)
+    try:
+        state = torch.load(path / "optimizer.pt", weights_only=True)
+    except pickle.UnpicklingError as e:
+        if "torchao" not in str(e):
+            raise
+        raise UserError(
+            f"{path} holds 8-bit AdamW state (torchao): pip install torchao, and resume with "
+            "--set optim.optimizer=adamw8bit"
+        ) from None
+    optimizers.check_resumable(state, optimizer, str(path))
     optimizer.load_state_dict(state if shard is None else shard(state))
     scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
     if scaler is not None and (path / "scaler.pt").exists():

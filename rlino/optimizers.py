@@ -10,9 +10,11 @@ fewer than 4,096 values (norm weights, biases) keep fp32 moments, as in bitsandb
 
 What it costs: the moments are rounded every step (the accuracy cost is measured in the README),
 and torchao compiles its per-parameter update with `torch.compile` on the first step (on CPU that
-needs a C++ compiler; tens of seconds per new parameter shape, cached on disk afterwards). Its
+needs a C++ compiler; tens of seconds per new parameter shape, cached on disk afterwards), and
+its step is slower than torch's AdamW on CPU (a SmolLM2 update took 1.65x as long; README). Its
 learning rate lives in a tensor, which the schedulers update in place; its state dict round-trips
-through a checkpoint as it is (8-bit codes and scales). Not with `dist.strategy: fsdp` (the
+through a checkpoint as it is (8-bit codes and scales), and resuming with the other optimiser is
+refused (`check_resumable`). Not with `dist.strategy: fsdp` (the
 sharded state gathering in rlino.fsdp handles plain tensors only).
 """
 
@@ -70,6 +72,24 @@ def make_optimizer(
             raise UserError(reason)
         return _adamw8bit()(params, lr=lr, weight_decay=weight_decay)
     raise UserError(f"optim.optimizer must be one of {', '.join(OPTIMIZERS)} (got {name!r})")
+
+
+def check_resumable(state: dict, optimizer: torch.optim.Optimizer, where: str) -> None:
+    """UserError if the optimiser state `state` (a checkpoint's, from `where`) was written by the
+    other optimiser: loading 8-bit moments into torch's AdamW, or fp32 ones into AdamW8bit, would
+    not fail but train on with the wrong kind of state (AdamW8bit would keep fp32 moments)."""
+    import torch
+
+    values = [value for entry in state.get("state", {}).values() for value in entry.values()]
+    saved_lean = any(type(value).__name__ == "OptimState8bit" for value in values)
+    lean = type(optimizer).__name__ == "AdamW8bit"
+    if saved_lean and not lean:
+        raise UserError(
+            f"{where} holds 8-bit AdamW state; resume with --set optim.optimizer=adamw8bit"
+        )
+    quantisable = any(isinstance(v, torch.Tensor) and v.numel() >= 4096 for v in values)
+    if lean and not saved_lean and quantisable:
+        raise UserError(f"{where} holds fp32 AdamW state; resume with --set optim.optimizer=adamw")
 
 
 def state_bytes(optimizer: torch.optim.Optimizer) -> int:

@@ -116,7 +116,6 @@ def _train(
     if world.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)  # only once the model and task loaded
         _claim(lock, run_dir, resume)  # a fresh run locks here (a resume already did)
-        save_config(config, run_dir / "config.yaml")
     optimizer = make_optimizer(setup)
     scheduler = make_scheduler(optimizer, config)
     shard = (
@@ -127,6 +126,8 @@ def _train(
     start = (
         checkpoint.load_state(ckpt, optimizer, scheduler, setup.scaler, shard=shard) if ckpt else 0
     )
+    if world.is_main:  # only once the checkpoint took: a refused resume leaves the run as it was
+        save_config(config, run_dir / "config.yaml")
     # rows after the checkpoint (all rows, when there is none) belong to the interrupted run
     log = (
         MetricsLog(run_dir, tensorboard=config.tensorboard, resume_from=start if ckpt else None)

@@ -13,7 +13,9 @@ from test_train import tiny_config
 from rlino import optimizers
 from rlino.config import load_config
 from rlino.errors import UserError
+from rlino.resolve import tiny_model_dir
 from rlino.setup import make_scheduler
+from rlino.train import train
 
 needs_torchao = pytest.mark.skipif(
     optimizers.lean_unavailable_reason() is not None,
@@ -42,7 +44,7 @@ def _step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, seed: int) -
 
 @needs_torchao
 @pytest.mark.slow
-def test_adamw8bit_steps_like_adamw_with_a_quarter_of_the_state_and_round_trips() -> None:
+def test_adamw8bit_steps_like_adamw_with_a_quarter_of_the_state_and_resumes() -> None:
     plain_model, lean_model = _model(), _model()
     plain = optimizers.make_optimizer("adamw", plain_model.parameters(), 1e-2, 0.01)
     lean = optimizers.make_optimizer("adamw8bit", lean_model.parameters(), 1e-2, 0.01)
@@ -73,6 +75,14 @@ def test_adamw8bit_steps_like_adamw_with_a_quarter_of_the_state_and_round_trips(
     _step(twin_model, twin, 1)
     for pa, pb in zip(lean_model.parameters(), twin_model.parameters(), strict=True):
         assert torch.equal(pa, pb)
+
+    # Resuming with the other optimiser is a user error, not a silent switch of state kind.
+    with pytest.raises(UserError, match=r"ckpt holds 8-bit AdamW state; .*optimizer=adamw8bit"):
+        optimizers.check_resumable(lean.state_dict(), plain, "ckpt")
+    with pytest.raises(UserError, match=r"ckpt holds fp32 AdamW state; .*optimizer=adamw$"):
+        optimizers.check_resumable(plain.state_dict(), twin, "ckpt")
+    optimizers.check_resumable(lean.state_dict(), twin, "ckpt")
+    optimizers.check_resumable(plain.state_dict(), plain, "ckpt")
 
     # The schedulers update its tensor learning rate in place; the loop logs it as a float.
     config = load_config(None, {"iterations": 10, "optim": {"schedule": "linear"}})
@@ -116,3 +126,29 @@ def test_adamw8bit_without_torchao_or_a_compiler_says_what_to_install(
     monkeypatch.setattr(shutil, "which", lambda name: None)
     with pytest.raises(UserError, match=r"needs a C\+\+ compiler"):
         optimizers.make_optimizer("adamw8bit", _model().parameters(), 1e-3, 0.0)
+
+
+@needs_torchao
+def test_resuming_with_the_other_optimizer_is_refused_and_leaves_the_run_as_it_was(
+    tmp_path: Path,
+) -> None:
+    # The built-in tiny base: its matrices are large enough for 8-bit moments. No 8-bit step runs
+    # (the resume is refused before one), so nothing is compiled.
+    model = {"path": str(tiny_model_dir())}
+    cfg = tiny_config(
+        tiny_model_dir(), "grpo", model=model, task={"name": "countdown"}, iterations=1
+    )
+    run = tmp_path / "run"
+    assert train(cfg, run, progress=False).completed
+    before = (run / "config.yaml").read_bytes()
+    lean = tiny_config(
+        tiny_model_dir(),
+        "grpo",
+        model=model,
+        task={"name": "countdown"},
+        iterations=2,
+        optim={"optimizer": "adamw8bit"},
+    )
+    with pytest.raises(UserError, match=r"holds fp32 AdamW state; resume with .*optimizer=adamw"):
+        train(lean, run, resume=True, progress=False)
+    assert (run / "config.yaml").read_bytes() == before
