@@ -14,8 +14,8 @@ needs a C++ compiler; tens of seconds per new parameter shape, cached on disk af
 its step is slower than torch's AdamW on CPU (a SmolLM2 update took 1.65x as long; README). Its
 learning rate lives in a tensor, which the schedulers update in place; its state dict round-trips
 through a checkpoint as it is (8-bit codes and scales), and resuming with the other optimiser is
-refused (`check_resumable`). Not with `dist.strategy: fsdp` (the
-sharded state gathering in rlino.fsdp handles plain tensors only).
+refused (`check_resumable`). Not with `dist.strategy: fsdp` (the sharded state gathering in
+rlino.fsdp handles plain tensors only).
 """
 
 from __future__ import annotations
@@ -90,24 +90,3 @@ def check_resumable(state: dict, optimizer: torch.optim.Optimizer, where: str) -
     quantisable = any(isinstance(v, torch.Tensor) and v.numel() >= 4096 for v in values)
     if lean and not saved_lean and quantisable:
         raise UserError(f"{where} holds fp32 AdamW state; resume with --set optim.optimizer=adamw")
-
-
-def state_bytes(optimizer: torch.optim.Optimizer) -> int:
-    """Bytes the optimiser's state holds (8-bit codes and their scales counted as stored)."""
-    import torch
-
-    total = 0
-    for state in optimizer.state.values():
-        for value in state.values():
-            if isinstance(value, torch.Tensor):
-                inner = getattr(value, "__tensor_flatten__", None)
-                if inner is not None:  # a tensor subclass: count the tensors it is made of
-                    names, _ = inner()
-                    total += sum(_nbytes(getattr(value, n)) for n in names)
-                else:
-                    total += _nbytes(value)
-    return total
-
-
-def _nbytes(tensor: torch.Tensor) -> int:
-    return tensor.numel() * tensor.element_size()

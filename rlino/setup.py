@@ -1,8 +1,8 @@
 """Build everything a training run needs from its config: policy, reference, task, data, optimiser.
 
 `build(config)` loads once what the loop then uses every iteration; `make_optimizer` and
-`make_scheduler` give the optimiser (rlino.optimizers) and the per-iteration learning-rate schedule. Nothing
-here samples or updates; that is `rlino.step`.
+`make_scheduler` give the optimiser (rlino.optimizers) and the per-iteration learning-rate
+schedule. Nothing here samples or updates; that is `rlino.step`.
 """
 
 from __future__ import annotations
